@@ -1,0 +1,79 @@
+"""shmcompute: parallel array compute on one machine, on shared memory.
+
+Public names are re-exported here. Modules that import Numba (``atomics``, ``sync``)
+load on first use, so ``import shmcompute`` stays fast.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+from .array import SharedArray, SharedArrayHandle, empty, from_numpy, reap, zeros
+from .errors import (
+    ArgumentError,
+    ArgumentTypeError,
+    AtomicIndexError,
+    BrokenBarrierError,
+    ClosedError,
+    DetachedError,
+    ForeignSegmentError,
+    NotOwnerError,
+    SegmentError,
+    SegmentNotFoundError,
+    SegmentTooLargeError,
+    ShmComputeError,
+    WaitTableFullError,
+    WouldBlock,
+)
+
+if TYPE_CHECKING:
+    from . import atomics, sync
+    from .sync import Barrier, Event, Semaphore
+
+__version__ = "0.1.0"
+
+_LAZY_MODULES = {"atomics", "sync"}
+_LAZY_NAMES = {"Semaphore": "sync", "Barrier": "sync", "Event": "sync"}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY_MODULES:
+        return importlib.import_module(f".{name}", __name__)
+    if name in _LAZY_NAMES:
+        return getattr(importlib.import_module(f".{_LAZY_NAMES[name]}", __name__), name)
+    raise AttributeError(f"module 'shmcompute' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)
+
+
+__all__ = [
+    "ArgumentError",
+    "ArgumentTypeError",
+    "AtomicIndexError",
+    "Barrier",
+    "BrokenBarrierError",
+    "ClosedError",
+    "DetachedError",
+    "Event",
+    "ForeignSegmentError",
+    "NotOwnerError",
+    "Semaphore",
+    "SegmentError",
+    "SegmentNotFoundError",
+    "SegmentTooLargeError",
+    "SharedArray",
+    "SharedArrayHandle",
+    "ShmComputeError",
+    "WaitTableFullError",
+    "WouldBlock",
+    "__version__",
+    "atomics",
+    "empty",
+    "from_numpy",
+    "reap",
+    "sync",
+    "zeros",
+]

@@ -1,0 +1,827 @@
+"""Lock-free atomic operations and blocking wait/notify on int32/int64 array elements.
+
+The same functions work from Python and inside ``@numba.njit(nogil=True)`` code::
+
+    import shmcompute.atomics as at
+
+    @numba.njit(nogil=True)
+    def claim(counter):
+        return at.add(counter, 0, 1)       # lock xadd, ~2-5 ns, no GIL
+
+    at.add(shared.array, 0, 1)             # the same function from Python, ~0.3 us
+
+Semantics follow JavaScript ``Atomics``: every operation is sequentially consistent;
+``add``/``sub``/``and_``/``or_``/``xor``/``exchange`` return the old value, ``store``
+the value stored, ``compare_exchange`` the value that was there (it succeeded iff
+that equals ``expected``).
+
+``wait(arr, i, expected, timeout)`` blocks while ``arr[i] == expected`` until a
+``notify`` on the same element wakes it, returning :data:`OK`, :data:`NOT_EQUAL`
+(the value differed at the call: no sleep) or :data:`TIMED_OUT`. ``notify(arr, i,
+count)`` wakes up to ``count`` waiters in FIFO order and returns how many it woke.
+No wake-up is ever lost (a notify after the store that changed the value always
+finds a waiter that saw the old value) and nothing returns OK without being
+notified. Waiters meet in a wait table inside the segment (process-shared POSIX
+semaphores, no named kernel objects), so this works across threads and processes
+for SharedArray memory, and across threads for any other NumPy memory.
+
+Arguments: ``arr`` is a 1-D, aligned int32 or int64 array (a SharedArray or its
+``.array``, or any NumPy array), writable except for ``load``; ``index`` is in
+``range(len(arr))`` (no negative indices); values must fit the element type. From
+Python, bad arguments raise clear errors; in compiled code, type errors are compile
+errors and indices are bounds-checked at run time.
+"""
+
+from __future__ import annotations
+
+import enum
+import mmap
+import os
+import threading
+import time
+from typing import Any
+
+import numpy as np
+from numba import njit, types
+from numba.core.errors import TypingError
+from numba.extending import overload
+
+from . import _layout as L
+from . import _native as N
+from . import array as _array
+from .errors import (
+    ArgumentError,
+    ArgumentTypeError,
+    AtomicIndexError,
+    ShmComputeError,
+    WaitTableFullError,
+)
+
+__all__ = [
+    "ALL",
+    "NOT_EQUAL",
+    "OK",
+    "TIMED_OUT",
+    "WaitResult",
+    "add",
+    "and_",
+    "compare_exchange",
+    "exchange",
+    "load",
+    "notify",
+    "or_",
+    "store",
+    "sub",
+    "wait",
+    "waiters",
+    "xor",
+]
+
+
+class WaitResult(enum.IntEnum):
+    """What ``wait`` returns (plain ints with these values inside compiled code)."""
+
+    OK = 0
+    NOT_EQUAL = 1
+    TIMED_OUT = 2
+
+
+OK = WaitResult.OK
+NOT_EQUAL = WaitResult.NOT_EQUAL
+TIMED_OUT = WaitResult.TIMED_OUT
+ALL = 1 << 62  # notify(..., count=ALL) wakes every waiter
+
+# internal codes returned by the compiled wait/notify cores
+_INTERRUPTED = 3  # a signal arrived while blocked: Python runs handlers, then retries
+_ERR_FULL = -1
+_ERR_LOCK = -2
+_ERR_INIT = -3
+_LOCK_TIMEOUT_NS = 10_000_000_000  # no one holds a wait-table lock while blocking
+
+_JIT: dict[str, Any] = {"cache": True}
+_JIT_NOGIL: dict[str, Any] = {"cache": True, "nogil": True}
+
+
+# --- compile-time argument checks (clear TypingErrors in kernels) ----------------------
+def _check_args(arr, index):  # type: ignore[no-untyped-def]
+    pass
+
+
+@overload(_check_args, jit_options=_JIT)
+def _ov_check_args(arr, index):  # type: ignore[no-untyped-def]
+    if not isinstance(arr, types.Array) or arr.ndim != 1 or arr.dtype not in (
+        types.int32,
+        types.int64,
+    ):
+        raise TypingError(f"shmcompute.atomics: arr must be a 1-D int32 or int64 array, got {arr}")
+    if not isinstance(index, types.Integer):
+        raise TypingError(f"shmcompute.atomics: index must be an integer, got {index}")
+    return lambda arr, index: None
+
+
+def _check_writable(arr):  # type: ignore[no-untyped-def]
+    pass
+
+
+@overload(_check_writable, jit_options=_JIT)
+def _ov_check_writable(arr):  # type: ignore[no-untyped-def]
+    if isinstance(arr, types.Array) and not arr.mutable:
+        raise TypingError(f"shmcompute.atomics: arr is read-only ({arr}); atomics write to it")
+    return lambda arr: None
+
+
+def _fit(arr, value):  # type: ignore[no-untyped-def]
+    pass
+
+
+@overload(_fit, jit_options=_JIT)
+def _ov_fit(arr, value):  # type: ignore[no-untyped-def]
+    if not isinstance(value, types.Integer):
+        raise TypingError(f"shmcompute.atomics: values must be integers, got {value}")
+    if arr.dtype == types.int32:
+
+        def impl32(arr, value):  # type: ignore[no-untyped-def]
+            if value < -2147483648 or value > 2147483647:
+                raise OverflowError("shmcompute.atomics: value does not fit int32")
+            return np.int32(value)
+
+        return impl32
+    if isinstance(value, types.Integer) and not value.signed and value.bitwidth == 64:
+
+        def impl_u64(arr, value):  # type: ignore[no-untyped-def]
+            if value > 9223372036854775807:
+                raise OverflowError("shmcompute.atomics: value does not fit int64")
+            return np.int64(value)
+
+        return impl_u64
+    return lambda arr, value: np.int64(value)
+
+
+@njit(**_JIT)
+def _slot_ro(arr, index):  # type: ignore[no-untyped-def]
+    _check_args(arr, index)
+    if index < 0 or index >= arr.shape[0]:
+        raise IndexError("shmcompute.atomics: index out of range")
+    if N.item_address(arr, index) % arr.itemsize != 0:
+        raise ValueError("shmcompute.atomics: element is not aligned to its size")
+
+
+@njit(**_JIT)
+def _slot(arr, index):  # type: ignore[no-untyped-def]
+    _check_writable(arr)
+    _slot_ro(arr, index)
+
+
+# --- the operations, compiled -----------------------------------------------------------
+@njit(**_JIT)
+def _load_impl(arr, index):  # type: ignore[no-untyped-def]
+    _slot_ro(arr, index)
+    return N.arr_load(arr, index)
+
+
+@njit(**_JIT)
+def _store_impl(arr, index, value):  # type: ignore[no-untyped-def]
+    _slot(arr, index)
+    v = _fit(arr, value)
+    N.arr_store(arr, index, v)
+    return v
+
+
+@njit(**_JIT)
+def _add_impl(arr, index, value):  # type: ignore[no-untyped-def]
+    _slot(arr, index)
+    return N.arr_add(arr, index, _fit(arr, value))
+
+
+@njit(**_JIT)
+def _sub_impl(arr, index, value):  # type: ignore[no-untyped-def]
+    _slot(arr, index)
+    return N.arr_sub(arr, index, _fit(arr, value))
+
+
+@njit(**_JIT)
+def _and_impl(arr, index, value):  # type: ignore[no-untyped-def]
+    _slot(arr, index)
+    return N.arr_and(arr, index, _fit(arr, value))
+
+
+@njit(**_JIT)
+def _or_impl(arr, index, value):  # type: ignore[no-untyped-def]
+    _slot(arr, index)
+    return N.arr_or(arr, index, _fit(arr, value))
+
+
+@njit(**_JIT)
+def _xor_impl(arr, index, value):  # type: ignore[no-untyped-def]
+    _slot(arr, index)
+    return N.arr_xor(arr, index, _fit(arr, value))
+
+
+@njit(**_JIT)
+def _exchange_impl(arr, index, value):  # type: ignore[no-untyped-def]
+    _slot(arr, index)
+    return N.arr_xchg(arr, index, _fit(arr, value))
+
+
+@njit(**_JIT)
+def _cas_impl(arr, index, expected, replacement):  # type: ignore[no-untyped-def]
+    _slot(arr, index)
+    return N.arr_cas(arr, index, _fit(arr, expected), _fit(arr, replacement))
+
+
+@njit(**_JIT)
+def _cas_address(addr, expected, desired):  # type: ignore[no-untyped-def]
+    return N.i64_cas(addr, expected, desired)
+
+
+# --- the registry of mapped segments (seqlock; writers hold _array._map_lock) -----------
+@njit(**_JIT)
+def _reg_add(start, end, lot):  # type: ignore[no-untyped-def]
+    reg = N.registry_address()
+    N.i64_add(reg + L.REG_SEQ * 8, 1)  # odd: readers retry
+    n = N.i64_load(reg + L.REG_COUNT * 8)
+    # Drop stale entries overlapping the new range: a mapping freed by the garbage
+    # collector is untracked just after munmap, so its address may already be reused.
+    j = 0
+    while j < n:
+        e = reg + (L.REG_ENTRIES + j * L.REG_ENTRY_WORDS) * 8
+        if N.i64_load(e) < end and start < N.i64_load(e + 8):
+            last = reg + (L.REG_ENTRIES + (n - 1) * L.REG_ENTRY_WORDS) * 8
+            for w in range(L.REG_ENTRY_WORDS):
+                N.i64_store(e + w * 8, N.i64_load(last + w * 8))
+            n -= 1
+        else:
+            j += 1
+    ok = n < L.REG_CAPACITY
+    if ok:
+        e = reg + (L.REG_ENTRIES + n * L.REG_ENTRY_WORDS) * 8
+        N.i64_store(e, start)
+        N.i64_store(e + 8, end)
+        N.i64_store(e + 16, lot)
+        n += 1
+    N.i64_store(reg + L.REG_COUNT * 8, n)
+    N.i64_add(reg + L.REG_SEQ * 8, 1)  # even again
+    return ok
+
+
+@njit(**_JIT)
+def _reg_remove(start):  # type: ignore[no-untyped-def]
+    reg = N.registry_address()
+    N.i64_add(reg + L.REG_SEQ * 8, 1)
+    n = N.i64_load(reg + L.REG_COUNT * 8)
+    for j in range(n):
+        e = reg + (L.REG_ENTRIES + j * L.REG_ENTRY_WORDS) * 8
+        if N.i64_load(e) == start:
+            last = reg + (L.REG_ENTRIES + (n - 1) * L.REG_ENTRY_WORDS) * 8
+            for w in range(L.REG_ENTRY_WORDS):
+                N.i64_store(e + w * 8, N.i64_load(last + w * 8))
+            N.i64_store(reg + L.REG_COUNT * 8, n - 1)
+            break
+    N.i64_add(reg + L.REG_SEQ * 8, 1)
+
+
+@njit(**_JIT)
+def _lookup(addr):  # type: ignore[no-untyped-def]
+    """(wait table, key) for the element at ``addr``: the segment's table keyed by the
+    byte offset (the same in every process), else the process-local table by address."""
+    reg = N.registry_address()
+    while True:
+        seq = N.i64_load(reg + L.REG_SEQ * 8)
+        if seq & 1:  # a writer is mid-update (a few hundred ns, never blocked)
+            N.sched_yield()
+            continue
+        lot = 0
+        key = addr
+        n = N.i64_load(reg + L.REG_COUNT * 8)
+        for j in range(n):
+            e = reg + (L.REG_ENTRIES + j * L.REG_ENTRY_WORDS) * 8
+            start = N.i64_load(e)
+            if start <= addr and addr < N.i64_load(e + 8):
+                lot = N.i64_load(e + 16)
+                key = addr - start
+                break
+        if N.i64_load(reg + L.REG_SEQ * 8) == seq:
+            break
+    if lot == 0:
+        lot = N.i64_load(reg + L.REG_LOCAL_LOT * 8)
+    return lot, key
+
+
+# --- the wait table ---------------------------------------------------------------------
+@njit(**_JIT)
+def _now_ns(ts):  # type: ignore[no-untyped-def]
+    N.clock_gettime(N.CLOCK_MONOTONIC, N.voidptr(ts.ctypes.data))
+    return ts[0] * 1_000_000_000 + ts[1]
+
+
+@njit(**_JIT)
+def _errno():  # type: ignore[no-untyped-def]
+    return N.errno_value()
+
+
+@njit(**_JIT)
+def _sem_wait_until(sem, deadline, ts):  # type: ignore[no-untyped-def]
+    """sem_wait with an absolute CLOCK_MONOTONIC deadline (< 0: none); 0 or errno."""
+    if deadline < 0:
+        rc = N.sem_wait(N.voidptr(sem))
+    else:
+        ts[0] = deadline // 1_000_000_000
+        ts[1] = deadline % 1_000_000_000
+        rc = N.sem_clockwait(N.voidptr(sem), N.CLOCK_MONOTONIC, N.voidptr(ts.ctypes.data))
+    return 0 if rc == 0 else _errno()
+
+
+@njit(**_JIT)
+def _lot_ready(lot, ts):  # type: ignore[no-untyped-def]
+    """Initialize the table on first use (whoever wins the CAS); 0 or an error code."""
+    state = lot + L.LOT_STATE
+    if N.i64_load(state) == L.LOT_READY:
+        return 0
+    if N.i64_cas(state, L.LOT_UNINIT, L.LOT_INITIALIZING) == L.LOT_UNINIT:
+        N.sem_init(N.voidptr(lot + L.LOT_LOCK), 1, 1)
+        for k in range(L.LOT_NSLOTS):
+            N.sem_init(N.voidptr(lot + L.LOT_SLOTS + k * L.LOT_SLOT_SIZE + L.SLOT_SEM), 1, 0)
+        N.i64_store(state, L.LOT_READY)
+        return 0
+    give_up = _now_ns(ts) + _LOCK_TIMEOUT_NS  # the winner needs microseconds
+    while N.i64_load(state) != L.LOT_READY:
+        if _now_ns(ts) > give_up:
+            return _ERR_INIT
+        N.sched_yield()
+    return 0
+
+
+@njit(**_JIT)
+def _lock(lot, ts):  # type: ignore[no-untyped-def]
+    sem = lot + L.LOT_LOCK
+    if N.sem_trywait(N.voidptr(sem)) == 0:
+        return 0
+    # Holders never block while holding it, so a long wait means the holder died.
+    deadline = _now_ns(ts) + _LOCK_TIMEOUT_NS
+    while True:
+        err = _sem_wait_until(sem, deadline, ts)
+        if err == 0:
+            return 0
+        if err != N.EINTR:
+            return _ERR_LOCK
+
+
+@njit(**_JIT)
+def _unlock(lot):  # type: ignore[no-untyped-def]
+    N.sem_post(N.voidptr(lot + L.LOT_LOCK))
+
+
+@njit(**_JIT_NOGIL)
+def _wait_impl(arr, index, expected, deadline, interruptible):  # type: ignore[no-untyped-def]
+    _slot(arr, index)
+    exp = _fit(arr, expected)
+    lot, key = _lookup(N.item_address(arr, index))
+    ts = np.empty(2, np.int64)
+    err = _lot_ready(lot, ts)
+    if err != 0:
+        return err
+    if _lock(lot, ts) != 0:
+        return _ERR_LOCK
+    slot = 0
+    for k in range(L.LOT_NSLOTS):
+        s = lot + L.LOT_SLOTS + k * L.LOT_SLOT_SIZE
+        if N.i64_load(s + L.SLOT_STATE) == L.SLOT_FREE:
+            slot = s
+            break
+    if slot == 0:
+        _unlock(lot)
+        return _ERR_FULL
+    N.i64_store(slot + L.SLOT_KEY, key)
+    N.i64_store(slot + L.SLOT_TICKET, N.i64_add(lot + L.LOT_TICKET, 1))
+    N.i64_store(slot + L.SLOT_PID, N.getpid())
+    N.i64_store(slot + L.SLOT_STATE, L.SLOT_WAITING)
+    # Enqueue before reading the value (a locked add: a full barrier). notify fences
+    # before reading LOT_NWAITERS, so either it sees us or we see the new value: no
+    # lost wake-up even when notify takes its no-waiter fast path.
+    N.i64_add(lot + L.LOT_NWAITERS, 1)
+    if N.arr_load(arr, index) != exp:
+        N.i64_store(slot + L.SLOT_STATE, L.SLOT_FREE)
+        N.i64_add(lot + L.LOT_NWAITERS, -1)
+        _unlock(lot)
+        return 1  # NOT_EQUAL
+    _unlock(lot)
+
+    sem = slot + L.SLOT_SEM
+    while True:
+        err = _sem_wait_until(sem, deadline, ts)
+        if err == 0:
+            break  # a notifier moved us to SLOT_WOKEN and posted
+        if err == N.EINTR and not interruptible:
+            continue
+        # Timed out or interrupted: withdraw, unless a notifier chose us meanwhile.
+        if _lock(lot, ts) != 0:
+            return _ERR_LOCK
+        if N.i64_load(slot + L.SLOT_STATE) == L.SLOT_WAITING:
+            N.i64_store(slot + L.SLOT_STATE, L.SLOT_FREE)
+            N.i64_add(lot + L.LOT_NWAITERS, -1)
+            _unlock(lot)
+            return 2 if err == N.ETIMEDOUT else _INTERRUPTED
+        _unlock(lot)
+        # The notifier posts under the lock, so its post is there: consume it, so the
+        # semaphore is back at 0 for the slot's next user. Then report OK (counted).
+        while N.sem_wait(N.voidptr(sem)) != 0:
+            pass
+        break
+    N.i64_store(slot + L.SLOT_STATE, L.SLOT_FREE)
+    return 0  # OK
+
+
+@njit(**_JIT)
+def _notify_impl(arr, index, count):  # type: ignore[no-untyped-def]
+    _slot(arr, index)
+    if count < 0:
+        raise ValueError("shmcompute.atomics: count must be >= 0")
+    lot, key = _lookup(N.item_address(arr, index))
+    N.fence()  # orders the caller's store (plain or atomic) before the read below
+    if count == 0 or N.i64_load(lot + L.LOT_NWAITERS) == 0:
+        return 0  # nobody waits anywhere in this table: no lock, no system call
+    ts = np.empty(2, np.int64)
+    if _lock(lot, ts) != 0:
+        return _ERR_LOCK
+    woken = 0
+    while woken < count:
+        best = 0
+        best_ticket = 0
+        for k in range(L.LOT_NSLOTS):
+            s = lot + L.LOT_SLOTS + k * L.LOT_SLOT_SIZE
+            if (
+                N.i64_load(s + L.SLOT_STATE) == L.SLOT_WAITING
+                and N.i64_load(s + L.SLOT_KEY) == key
+            ):
+                t = N.i64_load(s + L.SLOT_TICKET)
+                if best == 0 or t < best_ticket:
+                    best = s
+                    best_ticket = t
+        if best == 0:
+            break
+        N.i64_store(best + L.SLOT_STATE, L.SLOT_WOKEN)
+        N.i64_add(lot + L.LOT_NWAITERS, -1)
+        N.sem_post(N.voidptr(best + L.SLOT_SEM))
+        woken += 1
+    _unlock(lot)
+    return woken
+
+
+@njit(**_JIT)
+def _waiters_impl(arr, index):  # type: ignore[no-untyped-def]
+    _slot_ro(arr, index)
+    lot, key = _lookup(N.item_address(arr, index))
+    if N.i64_load(lot + L.LOT_NWAITERS) == 0:
+        return 0
+    n = 0
+    for k in range(L.LOT_NSLOTS):
+        s = lot + L.LOT_SLOTS + k * L.LOT_SLOT_SIZE
+        if N.i64_load(s + L.SLOT_STATE) == L.SLOT_WAITING and N.i64_load(s + L.SLOT_KEY) == key:
+            n += 1
+    return n
+
+
+# --- Python-facing entry points ---------------------------------------------------------
+def _as_ndarray(arr: Any) -> np.ndarray:
+    if isinstance(arr, np.ndarray):
+        return arr
+    if isinstance(arr, _array.SharedArray):
+        view = arr._state.array  # the hot path skips the property's checks
+        return view if view is not None else arr.array  # closed: .array raises
+    raise ArgumentTypeError(
+        f"arr must be a NumPy array or a SharedArray, got {type(arr).__name__}"
+    )
+
+
+def _diagnose(op: str, arr: np.ndarray, index: Any, values: tuple[Any, ...],
+              writes: bool, cause: BaseException) -> BaseException:
+    """Turn a failure of the compiled call into an error that names the problem."""
+    where = f"shmcompute.atomics.{op}"
+    if arr.dtype not in (np.int32, np.int64):
+        return ArgumentTypeError(
+            f"{where}: arr must have dtype int32 or int64, got {arr.dtype}; keep "
+            "counters and flags in an integer SharedArray"
+        )
+    if arr.ndim != 1:
+        return ArgumentError(
+            f"{where}: arr must be 1-D, got shape {arr.shape}; pass a flat view "
+            "(arr.reshape(-1)) and a flat index"
+        )
+    if writes and not arr.flags.writeable:
+        return ArgumentError(
+            f"{where}: arr is read-only; atomics write to it (attach the SharedArray "
+            "without readonly=True)"
+        )
+    if isinstance(index, bool) or not isinstance(index, (int, np.integer)):
+        return ArgumentTypeError(f"{where}: index must be an int, got {type(index).__name__}")
+    if not 0 <= index < arr.shape[0]:
+        return AtomicIndexError(
+            f"{where}: index {index} is out of range for an array of {arr.shape[0]} "
+            "elements (negative indices are not allowed)"
+        )
+    if (arr.ctypes.data + int(index) * arr.strides[0]) % arr.itemsize:
+        return ArgumentError(
+            f"{where}: arr[{index}] is not aligned to {arr.itemsize} bytes, so no atomic "
+            "instruction can update it; use an array that starts at an aligned offset "
+            "(SharedArray data is page-aligned)"
+        )
+    info = np.iinfo(arr.dtype)
+    for v in values:
+        if isinstance(v, bool) or not isinstance(v, (int, np.integer)):
+            return ArgumentTypeError(f"{where}: values must be ints, got {type(v).__name__}")
+        if not info.min <= v <= info.max:
+            return ArgumentError(
+                f"{where}: value {v} does not fit {arr.dtype} "
+                f"([{info.min}, {info.max}]); for all bits set use -1"
+            )
+    return cause
+
+
+def _fail(op: str, arr: Any, index: Any, values: tuple[Any, ...], writes: bool,
+          cause: BaseException) -> BaseException:
+    if not isinstance(arr, np.ndarray):
+        return cause
+    return _diagnose(op, arr, index, values, writes, cause)
+
+
+def load(arr: Any, index: int) -> int:
+    """Atomically read ``arr[index]`` (works on read-only arrays too)."""
+    if type(arr) is not np.ndarray:
+        arr = _as_ndarray(arr)
+    try:
+        return _load_impl(arr, index)  # type: ignore[no-any-return]
+    except Exception as e:
+        raise _fail("load", arr, index, (), False, e) from None
+
+
+def store(arr: Any, index: int, value: int) -> int:
+    """Atomically write ``value`` to ``arr[index]``; returns ``value``."""
+    if type(arr) is not np.ndarray:
+        arr = _as_ndarray(arr)
+    try:
+        return _store_impl(arr, index, value)  # type: ignore[no-any-return]
+    except Exception as e:
+        raise _fail("store", arr, index, (value,), True, e) from None
+
+
+def add(arr: Any, index: int, value: int) -> int:
+    """Atomically ``arr[index] += value`` (wrapping); returns the old value."""
+    if type(arr) is not np.ndarray:
+        arr = _as_ndarray(arr)
+    try:
+        return _add_impl(arr, index, value)  # type: ignore[no-any-return]
+    except Exception as e:
+        raise _fail("add", arr, index, (value,), True, e) from None
+
+
+def sub(arr: Any, index: int, value: int) -> int:
+    """Atomically ``arr[index] -= value`` (wrapping); returns the old value."""
+    if type(arr) is not np.ndarray:
+        arr = _as_ndarray(arr)
+    try:
+        return _sub_impl(arr, index, value)  # type: ignore[no-any-return]
+    except Exception as e:
+        raise _fail("sub", arr, index, (value,), True, e) from None
+
+
+def and_(arr: Any, index: int, value: int) -> int:
+    """Atomically ``arr[index] &= value``; returns the old value."""
+    if type(arr) is not np.ndarray:
+        arr = _as_ndarray(arr)
+    try:
+        return _and_impl(arr, index, value)  # type: ignore[no-any-return]
+    except Exception as e:
+        raise _fail("and_", arr, index, (value,), True, e) from None
+
+
+def or_(arr: Any, index: int, value: int) -> int:
+    """Atomically ``arr[index] |= value``; returns the old value."""
+    if type(arr) is not np.ndarray:
+        arr = _as_ndarray(arr)
+    try:
+        return _or_impl(arr, index, value)  # type: ignore[no-any-return]
+    except Exception as e:
+        raise _fail("or_", arr, index, (value,), True, e) from None
+
+
+def xor(arr: Any, index: int, value: int) -> int:
+    """Atomically ``arr[index] ^= value``; returns the old value."""
+    if type(arr) is not np.ndarray:
+        arr = _as_ndarray(arr)
+    try:
+        return _xor_impl(arr, index, value)  # type: ignore[no-any-return]
+    except Exception as e:
+        raise _fail("xor", arr, index, (value,), True, e) from None
+
+
+def exchange(arr: Any, index: int, value: int) -> int:
+    """Atomically replace ``arr[index]`` with ``value``; returns the old value."""
+    if type(arr) is not np.ndarray:
+        arr = _as_ndarray(arr)
+    try:
+        return _exchange_impl(arr, index, value)  # type: ignore[no-any-return]
+    except Exception as e:
+        raise _fail("exchange", arr, index, (value,), True, e) from None
+
+
+def compare_exchange(arr: Any, index: int, expected: int, replacement: int) -> int:
+    """Atomically: if ``arr[index] == expected`` store ``replacement``. Returns the
+    value that was there (the exchange happened iff it equals ``expected``)."""
+    if type(arr) is not np.ndarray:
+        arr = _as_ndarray(arr)
+    try:
+        return _cas_impl(arr, index, expected, replacement)  # type: ignore[no-any-return]
+    except Exception as e:
+        raise _fail("compare_exchange", arr, index, (expected, replacement), True, e) from None
+
+
+def _timeout_ns(timeout: float | None) -> int:
+    if timeout is None:
+        return -1
+    try:
+        t = float(timeout)
+    except (TypeError, ValueError):
+        raise ArgumentTypeError(
+            f"timeout must be a number of seconds or None, got {timeout!r}"
+        ) from None
+    if not t >= 0:  # also rejects NaN
+        raise ArgumentError(f"timeout must be >= 0 seconds or None, got {timeout!r}")
+    return int(min(t, 1e9) * 1e9)
+
+
+def _raise_code(op: str, code: int) -> None:
+    if code == _ERR_FULL:
+        raise WaitTableFullError(
+            f"shmcompute.atomics.{op}: {L.LOT_NSLOTS} waiters already block on this "
+            "segment's wait table; wait on elements of another SharedArray, or use fewer "
+            "concurrent waiters"
+        )
+    if code == _ERR_LOCK:
+        raise ShmComputeError(
+            f"shmcompute.atomics.{op}: the segment's wait table stayed locked for "
+            f"{_LOCK_TIMEOUT_NS // 10**9} s; a process probably died inside wait/notify. "
+            "Recreate the SharedArray"
+        )
+    if code == _ERR_INIT:
+        raise ShmComputeError(
+            f"shmcompute.atomics.{op}: the segment's wait table was never initialized "
+            "(its initializer died); recreate the SharedArray"
+        )
+
+
+def wait(arr: Any, index: int, expected: int, timeout: float | None = None) -> WaitResult:
+    """Block while ``arr[index] == expected`` until notified or ``timeout`` seconds pass.
+
+    Returns :data:`OK` (woken by ``notify``), :data:`NOT_EQUAL` (the value already
+    differed: no sleep) or :data:`TIMED_OUT`. The GIL is released while blocked, and
+    signals (Ctrl-C) are handled. In compiled code it returns the same values as ints.
+    """
+    if type(arr) is not np.ndarray:
+        arr = _as_ndarray(arr)
+    tns = _timeout_ns(timeout)
+    deadline = -1 if tns < 0 else time.monotonic_ns() + tns
+    interruptible = threading.current_thread() is threading.main_thread()
+    while True:
+        try:
+            code = _wait_impl(arr, index, expected, deadline, interruptible)
+        except Exception as e:
+            raise _fail("wait", arr, index, (expected,), True, e) from None
+        if code != _INTERRUPTED:
+            break
+        # Back in Python: pending signal handlers run here (KeyboardInterrupt...).
+    _raise_code("wait", code)
+    return WaitResult(code)
+
+
+def notify(arr: Any, index: int, count: int = ALL) -> int:
+    """Wake up to ``count`` waiters on ``arr[index]`` (FIFO); return how many woke.
+
+    With no waiters it is a fence and a load: no lock and no system call.
+    """
+    if type(arr) is not np.ndarray:
+        arr = _as_ndarray(arr)
+    try:
+        code = _notify_impl(arr, index, count)
+    except Exception as e:
+        if isinstance(count, (int, np.integer)) and not isinstance(count, bool) and count < 0:
+            raise ArgumentError(f"notify: count must be >= 0 (or ALL), got {count}") from None
+        raise _fail("notify", arr, index, (), True, e) from None
+    _raise_code("notify", code)
+    return code  # type: ignore[no-any-return]
+
+
+def waiters(arr: Any, index: int) -> int:
+    """How many threads and processes are blocked in ``wait`` on ``arr[index]`` now."""
+    if type(arr) is not np.ndarray:
+        arr = _as_ndarray(arr)
+    try:
+        return _waiters_impl(arr, index)  # type: ignore[no-any-return]
+    except Exception as e:
+        raise _fail("waiters", arr, index, (), False, e) from None
+
+
+# --- the same functions inside compiled code -----------------------------------------
+@overload(load, jit_options=_JIT)
+def _ov_load(arr, index):  # type: ignore[no-untyped-def]
+    return lambda arr, index: _load_impl(arr, index)
+
+
+@overload(store, jit_options=_JIT)
+def _ov_store(arr, index, value):  # type: ignore[no-untyped-def]
+    return lambda arr, index, value: _store_impl(arr, index, value)
+
+
+@overload(add, jit_options=_JIT)
+def _ov_add(arr, index, value):  # type: ignore[no-untyped-def]
+    return lambda arr, index, value: _add_impl(arr, index, value)
+
+
+@overload(sub, jit_options=_JIT)
+def _ov_sub(arr, index, value):  # type: ignore[no-untyped-def]
+    return lambda arr, index, value: _sub_impl(arr, index, value)
+
+
+@overload(and_, jit_options=_JIT)
+def _ov_and(arr, index, value):  # type: ignore[no-untyped-def]
+    return lambda arr, index, value: _and_impl(arr, index, value)
+
+
+@overload(or_, jit_options=_JIT)
+def _ov_or(arr, index, value):  # type: ignore[no-untyped-def]
+    return lambda arr, index, value: _or_impl(arr, index, value)
+
+
+@overload(xor, jit_options=_JIT)
+def _ov_xor(arr, index, value):  # type: ignore[no-untyped-def]
+    return lambda arr, index, value: _xor_impl(arr, index, value)
+
+
+@overload(exchange, jit_options=_JIT)
+def _ov_exchange(arr, index, value):  # type: ignore[no-untyped-def]
+    return lambda arr, index, value: _exchange_impl(arr, index, value)
+
+
+@overload(compare_exchange, jit_options=_JIT)
+def _ov_cas(arr, index, expected, replacement):  # type: ignore[no-untyped-def]
+    return lambda arr, index, expected, replacement: _cas_impl(arr, index, expected, replacement)
+
+
+@overload(wait, jit_options=_JIT)
+def _ov_wait(arr, index, expected, timeout=None):  # type: ignore[no-untyped-def]
+    if timeout is None or isinstance(timeout, (types.NoneType, types.Omitted)):
+
+        def wait_forever(arr, index, expected, timeout=None):  # type: ignore[no-untyped-def]
+            return _wait_impl(arr, index, expected, -1, False)
+
+        return wait_forever
+    if not isinstance(timeout, (types.Integer, types.Float)):
+        raise TypingError(f"shmcompute.atomics.wait: timeout must be seconds or None, got {timeout}")
+
+    def wait_timeout(arr, index, expected, timeout=None):  # type: ignore[no-untyped-def]
+        if not timeout >= 0:
+            raise ValueError("shmcompute.atomics.wait: timeout must be >= 0")
+        ts = np.empty(2, np.int64)
+        deadline = _now_ns(ts) + np.int64(min(timeout, 1e9) * 1e9)
+        code = _wait_impl(arr, index, expected, deadline, False)
+        if code < 0:
+            raise RuntimeError("shmcompute.atomics.wait: wait table full or abandoned")
+        return code
+
+    return wait_timeout
+
+
+@overload(notify, jit_options=_JIT)
+def _ov_notify(arr, index, count=ALL):  # type: ignore[no-untyped-def]
+    def notify_impl(arr, index, count=ALL):  # type: ignore[no-untyped-def]
+        code = _notify_impl(arr, index, count)
+        if code < 0:
+            raise RuntimeError("shmcompute.atomics.notify: wait table abandoned")
+        return code
+
+    return notify_impl
+
+
+# --- set up this process's registry and private wait table -----------------------------
+def _setup() -> None:
+    # Memory that is not a SharedArray segment (plain NumPy arrays) meets in this
+    # process-private table; it lives as long as the process.
+    # Private, not shared: after fork, plain arrays at the same address in parent and
+    # child are different memory, so they must not meet in one table. A fork child
+    # starts with an empty table (a copy of the parent's would hold its waiters).
+    local = mmap.mmap(-1, L.LOT_SIZE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    table = np.frombuffer(local, dtype=np.uint8)
+    N.registry[L.REG_LOCAL_LOT] = table.ctypes.data
+    globals()["_local_lot"] = table  # keeps the mapping alive for the process lifetime
+    os.register_at_fork(after_in_child=lambda: table.fill(0))
+
+    def add(start: int, end: int, lot: int) -> None:
+        if not _reg_add(start, end, lot):
+            raise ShmComputeError(
+                f"more than {L.REG_CAPACITY} shared arrays are mapped in this process; "
+                "close() the ones you no longer use"
+            )
+
+    _array._install_registry(add, _reg_remove)
+
+
+_setup()

@@ -1,0 +1,320 @@
+"""Semaphore, Event and Barrier that work across threads and processes.
+
+Each primitive is a few int64 words in a small SharedArray, driven by
+:mod:`shmcompute.atomics` (compare-exchange for the fast paths, wait/notify to
+block). Pickling one sends its handle; the receiver attaches, as with SharedArray.
+The creating process owns the memory, so keep the creator's object alive while
+others use it. Every blocking call takes a timeout and has a non-blocking twin;
+``statistics()`` returns a frozen snapshot.
+
+Example::
+
+    sem = shc.Semaphore(2)
+    pool.submit(worker, sem)           # pickles the handle; the worker attaches
+    with sem:                          # acquire/release
+        ...
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import numpy as np
+
+from . import atomics as at
+from .array import SharedArray, SharedArrayHandle
+from .errors import ArgumentError, ArgumentTypeError, BrokenBarrierError, WouldBlock
+
+__all__ = [
+    "Barrier",
+    "BarrierStatistics",
+    "Event",
+    "EventStatistics",
+    "Semaphore",
+    "SemaphoreStatistics",
+]
+
+
+def _deadline(timeout: float | None) -> float | None:
+    if timeout is None:
+        return None
+    if not isinstance(timeout, (int, float)) or isinstance(timeout, bool):
+        raise ArgumentTypeError(f"timeout must be seconds (a number) or None, got {timeout!r}")
+    if not timeout >= 0:
+        raise ArgumentError(f"timeout must be >= 0 seconds or None, got {timeout!r}")
+    return time.monotonic() + timeout
+
+
+def _remaining(deadline: float | None) -> float | None:
+    return None if deadline is None else max(0.0, deadline - time.monotonic())
+
+
+@dataclass(frozen=True, slots=True)
+class SyncHandle:
+    """Picklable handle of a sync primitive: its kind, parameters and memory."""
+
+    kind: str
+    array: SharedArrayHandle
+    param: int
+
+
+class _Shared:
+    """Common plumbing: the backing SharedArray, handles, pickling, closing."""
+
+    _kind: ClassVar[str]
+    _nslots: ClassVar[int]
+    __slots__ = ("_shared", "_w", "_param")
+
+    def _init_new(self, param: int) -> None:
+        self._shared = SharedArray.create(self._nslots, np.int64)
+        self._w = self._shared.array
+        self._param = param
+
+    @classmethod
+    def attach(cls, handle: SyncHandle) -> Any:
+        """Attach to a primitive created elsewhere (what unpickling does)."""
+        if not isinstance(handle, SyncHandle) or handle.kind != cls._kind:
+            raise ArgumentTypeError(
+                f"{cls.__name__}.attach needs a {cls.__name__} handle, got {handle!r}"
+            )
+        self = object.__new__(cls)
+        self._shared = SharedArray.attach(handle.array)
+        self._w = self._shared.array
+        self._param = handle.param
+        return self
+
+    @property
+    def handle(self) -> SyncHandle:
+        return SyncHandle(self._kind, self._shared.handle, self._param)
+
+    def __reduce__(self) -> tuple[Any, tuple[SyncHandle]]:
+        return (type(self).attach, (self.handle,))
+
+    def close(self) -> None:
+        """Release this object's mapping; the creator's close also frees the memory."""
+        if self._shared.owner:
+            self._shared.unlink()
+        self._shared.close()
+
+
+@dataclass(frozen=True, slots=True)
+class SemaphoreStatistics:
+    value: int
+    waiters: int
+
+
+class Semaphore(_Shared):
+    """A counting semaphore (like ``threading.Semaphore``) across processes."""
+
+    _kind = "semaphore"
+    _nslots = 1
+    __slots__ = ()
+    _VALUE = 0
+
+    def __init__(self, value: int = 1) -> None:
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+            raise ArgumentTypeError(f"value must be an int, got {type(value).__name__}")
+        if value < 0:
+            raise ArgumentError(f"value must be >= 0, got {value}")
+        self._init_new(0)
+        self._w[self._VALUE] = value
+
+    def _try_acquire(self) -> bool:
+        w = self._w
+        v = at.load(w, self._VALUE)
+        while v > 0:
+            seen = at.compare_exchange(w, self._VALUE, v, v - 1)
+            if seen == v:
+                return True
+            v = seen
+        return False
+
+    def acquire(self, blocking: bool = True, timeout: float | None = None) -> bool:
+        """Take one unit; True on success, False if non-blocking or timed out."""
+        if self._try_acquire():
+            return True
+        if not blocking:
+            return False
+        deadline = _deadline(timeout)
+        while True:
+            # Sleep only while the value is 0; a release in between makes wait return
+            # NOT_EQUAL at once, so no release is missed.
+            r = at.wait(self._w, self._VALUE, 0, _remaining(deadline))
+            if self._try_acquire():
+                return True
+            if r == at.TIMED_OUT or (deadline is not None and time.monotonic() >= deadline):
+                return False
+
+    def acquire_nowait(self) -> None:
+        """Take one unit now or raise :class:`WouldBlock`."""
+        if not self._try_acquire():
+            raise WouldBlock("semaphore value is 0")
+
+    def release(self, n: int = 1) -> None:
+        """Return ``n`` units and wake up to ``n`` waiters."""
+        if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
+            raise ArgumentError(f"n must be an int >= 1, got {n!r}")
+        at.add(self._w, self._VALUE, n)
+        at.notify(self._w, self._VALUE, n)
+
+    @property
+    def value(self) -> int:
+        return at.load(self._w, self._VALUE)
+
+    def statistics(self) -> SemaphoreStatistics:
+        return SemaphoreStatistics(self.value, at.waiters(self._w, self._VALUE))
+
+    def __enter__(self) -> Semaphore:
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+    def __repr__(self) -> str:
+        return f"<shmcompute.Semaphore value={self.value}>"
+
+
+@dataclass(frozen=True, slots=True)
+class EventStatistics:
+    is_set: bool
+    waiters: int
+
+
+class Event(_Shared):
+    """A flag that threads and processes wait for (like ``threading.Event``)."""
+
+    _kind = "event"
+    _nslots = 1
+    __slots__ = ()
+    _FLAG = 0
+
+    def __init__(self) -> None:
+        self._init_new(0)
+
+    def set(self) -> None:
+        at.store(self._w, self._FLAG, 1)
+        at.notify(self._w, self._FLAG)
+
+    def clear(self) -> None:
+        at.store(self._w, self._FLAG, 0)
+
+    def is_set(self) -> bool:
+        """The non-blocking twin of :meth:`wait`."""
+        return at.load(self._w, self._FLAG) == 1
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Block until set; True if set, False on timeout."""
+        deadline = _deadline(timeout)
+        while not self.is_set():
+            if at.wait(self._w, self._FLAG, 0, _remaining(deadline)) == at.TIMED_OUT:
+                return self.is_set()
+        return True
+
+    def statistics(self) -> EventStatistics:
+        return EventStatistics(self.is_set(), at.waiters(self._w, self._FLAG))
+
+    def __repr__(self) -> str:
+        return f"<shmcompute.Event set={self.is_set()}>"
+
+
+@dataclass(frozen=True, slots=True)
+class BarrierStatistics:
+    parties: int
+    n_waiting: int
+    broken: bool
+    generation: int
+
+
+class Barrier(_Shared):
+    """A cyclic barrier for ``parties`` threads or processes (like ``threading.Barrier``).
+
+    ``wait`` returns the arrival index (0 .. parties-1; ``parties - 1`` arrived last).
+    A timeout, :meth:`abort` or :meth:`reset` breaks the barrier for everyone waiting:
+    they raise :class:`BrokenBarrierError`, and so does every later ``wait`` until
+    :meth:`reset`.
+    """
+
+    _kind = "barrier"
+    _nslots = 2
+    __slots__ = ()
+    # _GEN is even while the barrier works and odd once broken. A normal pass adds 2;
+    # abort makes it odd (+1) and reset then adds 3 more. A party waiting at gen g has
+    # passed iff it sees exactly g + 2: the next pass needs that party too, so nothing
+    # else can produce g + 2, and anything else means broken or reset under it.
+    _COUNT = 0
+    _GEN = 1
+
+    def __init__(self, parties: int) -> None:
+        if isinstance(parties, bool) or not isinstance(parties, (int, np.integer)):
+            raise ArgumentTypeError(f"parties must be an int, got {type(parties).__name__}")
+        if parties < 1:
+            raise ArgumentError(f"parties must be >= 1, got {parties}")
+        self._init_new(int(parties))
+
+    @property
+    def parties(self) -> int:
+        return self._param
+
+    def wait(self, timeout: float | None = None) -> int:
+        w = self._w
+        gen = at.load(w, self._GEN)
+        if gen & 1:
+            raise BrokenBarrierError("the barrier is broken; reset() it first")
+        deadline = _deadline(timeout)
+        index = at.add(w, self._COUNT, 1)
+        if index == self.parties - 1:  # last to arrive: open the barrier
+            at.store(w, self._COUNT, 0)
+            if at.compare_exchange(w, self._GEN, gen, gen + 2) != gen:
+                raise BrokenBarrierError("the barrier was broken while parties arrived")
+            at.notify(w, self._GEN)
+            return index
+        while True:
+            now = at.load(w, self._GEN)
+            if now != gen:
+                if now == gen + 2:
+                    return index
+                raise BrokenBarrierError("the barrier was broken or reset while this party waited")
+            if at.wait(w, self._GEN, gen, _remaining(deadline)) == at.TIMED_OUT:
+                if at.load(w, self._GEN) == gen:
+                    self.abort()
+                    raise BrokenBarrierError(
+                        f"timed out after {timeout} s with {at.load(w, self._COUNT)} of "
+                        f"{self.parties} parties arrived; the barrier is now broken"
+                    )
+
+    def abort(self) -> None:
+        """Break the barrier: current and later waiters raise BrokenBarrierError."""
+        w = self._w
+        gen = at.load(w, self._GEN)
+        while not gen & 1:
+            seen = at.compare_exchange(w, self._GEN, gen, gen + 1)
+            if seen == gen:
+                break
+            gen = seen
+        at.notify(w, self._GEN)
+
+    def reset(self) -> None:
+        """Break it for current waiters, then make it usable again, empty."""
+        self.abort()
+        w = self._w
+        at.store(w, self._COUNT, 0)
+        gen = at.load(w, self._GEN)
+        at.compare_exchange(w, self._GEN, gen, gen + 3)  # odd -> even: working again
+
+    @property
+    def broken(self) -> bool:
+        return bool(at.load(self._w, self._GEN) & 1)
+
+    @property
+    def n_waiting(self) -> int:
+        return 0 if self.broken else at.load(self._w, self._COUNT)
+
+    def statistics(self) -> BarrierStatistics:
+        gen = at.load(self._w, self._GEN)
+        return BarrierStatistics(self.parties, self.n_waiting, bool(gen & 1), gen)
+
+    def __repr__(self) -> str:
+        return f"<shmcompute.Barrier parties={self.parties} waiting={self.n_waiting}>"
