@@ -61,11 +61,13 @@ assert SEG_LOT + LOT_SIZE <= DATA_OFFSET
 
 # --- process-local registry of mapped segments (read by compiled code) ------------
 # int64 words: [REG_SEQ] seqlock, [REG_COUNT] entries, [REG_LOCAL_LOT] address of the
-# process-private wait table used for memory that is not a SharedArray segment, then
+# process-private wait table used for memory that is not a SharedArray segment,
+# [REG_SPIN_NS] the spin budget of wait(), then
 # REG_CAPACITY entries of (start, end, lot address) from REG_ENTRIES.
 REG_SEQ = 0
 REG_COUNT = 1
 REG_LOCAL_LOT = 2
+REG_SPIN_NS = 3  # how long wait() spins before sleeping (atomics.set_spin)
 REG_ENTRIES = 8
 REG_ENTRY_WORDS = 3
 REG_CAPACITY = 8192

@@ -69,10 +69,10 @@ def _i64ptr(builder: ir.IRBuilder, addr: ir.Value) -> ir.Value:
 
 
 @intrinsic
-def registry_address(typingctx):  # type: ignore[no-untyped-def]
+def registry_address(typingctx):
     """Address of this process's registry (an external symbol, resolved at load)."""
 
-    def codegen(context, builder, sig, args):  # type: ignore[no-untyped-def]
+    def codegen(context, builder, sig, args):
         mod = builder.module
         gv = mod.globals.get(REGISTRY_SYMBOL)
         if gv is None:
@@ -84,37 +84,62 @@ def registry_address(typingctx):  # type: ignore[no-untyped-def]
 
 
 @intrinsic
-def voidptr(typingctx, addr):  # type: ignore[no-untyped-def]
+def voidptr(typingctx, addr):
     """Turn an integer address into a ``void*`` for libc calls."""
     if not isinstance(addr, types.Integer):
         return None
 
-    def codegen(context, builder, sig, args):  # type: ignore[no-untyped-def]
+    def codegen(context, builder, sig, args):
         return builder.inttoptr(args[0], ir.IntType(8).as_pointer())
 
     return types.voidptr(addr), codegen
 
 
 @intrinsic
-def fence(typingctx):  # type: ignore[no-untyped-def]
+def fence(typingctx):
     """A sequentially consistent fence (``mfence`` on x86-64)."""
 
-    def codegen(context, builder, sig, args):  # type: ignore[no-untyped-def]
+    def codegen(context, builder, sig, args):
         builder.fence("seq_cst")
         return context.get_dummy_value()
 
     return types.void(), codegen
 
 
+_MACHINE = __import__("platform").machine().lower()
+
+
+@intrinsic
+def cpu_relax(typingctx):
+    """The spin-wait hint (``pause`` on x86-64, ``yield`` on Arm): saves power and
+    lets a hyper-thread sibling run. (Inline asm aborts MCJIT; LLVM intrinsics do not.)"""
+
+    def codegen(context, builder, sig, args):
+        mod = builder.module
+        if _MACHINE in ("x86_64", "amd64"):
+            fn = cgutils.get_or_insert_function(
+                mod, ir.FunctionType(ir.VoidType(), []), "llvm.x86.sse2.pause"
+            )
+            builder.call(fn, [])
+        elif _MACHINE in ("aarch64", "arm64"):
+            fn = cgutils.get_or_insert_function(
+                mod, ir.FunctionType(ir.VoidType(), [ir.IntType(32)]), "llvm.aarch64.hint"
+            )
+            builder.call(fn, [ir.Constant(ir.IntType(32), 1)])
+        return context.get_dummy_value()
+
+    return types.void(), codegen
+
+
 # --- atomics on raw int64 addresses (shared headers, wait tables) -----------------
-def _make_i64_rmw(op: str):  # type: ignore[no-untyped-def]
+def _make_i64_rmw(op: str):
     @intrinsic
-    def rmw(typingctx, addr, val):  # type: ignore[no-untyped-def]
+    def rmw(typingctx, addr, val):
         if not isinstance(addr, types.Integer) or not isinstance(val, types.Integer):
             return None
         sig = types.int64(types.int64, types.int64)
 
-        def codegen(context, builder, sig, args):  # type: ignore[no-untyped-def]
+        def codegen(context, builder, sig, args):
             return builder.atomic_rmw(op, _i64ptr(builder, args[0]), args[1], "seq_cst")
 
         return sig, codegen
@@ -127,13 +152,13 @@ i64_xchg = _make_i64_rmw("xchg")
 
 
 @intrinsic
-def i64_cas(typingctx, addr, expected, desired):  # type: ignore[no-untyped-def]
+def i64_cas(typingctx, addr, expected, desired):
     """Compare-and-swap on an int64 at ``addr``; returns the value that was there."""
     if not all(isinstance(t, types.Integer) for t in (addr, expected, desired)):
         return None
     sig = types.int64(types.int64, types.int64, types.int64)
 
-    def codegen(context, builder, sig, args):  # type: ignore[no-untyped-def]
+    def codegen(context, builder, sig, args):
         ptr = _i64ptr(builder, args[0])
         pair = builder.cmpxchg(ptr, args[1], args[2], "seq_cst", "seq_cst")
         return builder.extract_value(pair, 0)
@@ -142,23 +167,23 @@ def i64_cas(typingctx, addr, expected, desired):  # type: ignore[no-untyped-def]
 
 
 @intrinsic
-def i64_load(typingctx, addr):  # type: ignore[no-untyped-def]
+def i64_load(typingctx, addr):
     if not isinstance(addr, types.Integer):
         return None
 
-    def codegen(context, builder, sig, args):  # type: ignore[no-untyped-def]
+    def codegen(context, builder, sig, args):
         return builder.load_atomic(_i64ptr(builder, args[0]), "seq_cst", 8)
 
     return types.int64(types.int64), codegen
 
 
 @intrinsic
-def i64_store(typingctx, addr, val):  # type: ignore[no-untyped-def]
+def i64_store(typingctx, addr, val):
     if not isinstance(addr, types.Integer) or not isinstance(val, types.Integer):
         return None
     sig = types.void(types.int64, types.int64)
 
-    def codegen(context, builder, sig, args):  # type: ignore[no-untyped-def]
+    def codegen(context, builder, sig, args):
         builder.store_atomic(args[1], _i64ptr(builder, args[0]), "seq_cst", 8)
         return context.get_dummy_value()
 
@@ -166,10 +191,10 @@ def i64_store(typingctx, addr, val):  # type: ignore[no-untyped-def]
 
 
 @intrinsic
-def errno_value(typingctx):  # type: ignore[no-untyped-def]
+def errno_value(typingctx):
     """This thread's errno (glibc: ``*__errno_location()``)."""
 
-    def codegen(context, builder, sig, args):  # type: ignore[no-untyped-def]
+    def codegen(context, builder, sig, args):
         fnty = ir.FunctionType(ir.IntType(32).as_pointer(), [])
         fn = cgutils.get_or_insert_function(builder.module, fnty, "__errno_location")
         return builder.load(builder.call(fn, []))
@@ -178,12 +203,12 @@ def errno_value(typingctx):  # type: ignore[no-untyped-def]
 
 
 # --- atomics on array elements -----------------------------------------------------
-def _item_ptr(context, builder, aryty, ary_val, idx):  # type: ignore[no-untyped-def]
+def _item_ptr(context, builder, aryty, ary_val, idx):
     ary = context.make_array(aryty)(context, builder, ary_val)
     return cgutils.get_item_pointer(context, builder, aryty, ary, [idx], wraparound=False)
 
 
-def _is_atomic_array(arr) -> bool:  # type: ignore[no-untyped-def]
+def _is_atomic_array(arr) -> bool:
     return (
         isinstance(arr, types.Array)
         and arr.ndim == 1
@@ -193,27 +218,27 @@ def _is_atomic_array(arr) -> bool:  # type: ignore[no-untyped-def]
 
 
 @intrinsic
-def item_address(typingctx, arr, idx):  # type: ignore[no-untyped-def]
+def item_address(typingctx, arr, idx):
     """Address of ``arr[idx]`` (no bounds check: callers check first)."""
     if not isinstance(arr, types.Array) or not isinstance(idx, types.Integer):
         return None
     sig = types.int64(arr, types.intp)
 
-    def codegen(context, builder, sig, args):  # type: ignore[no-untyped-def]
+    def codegen(context, builder, sig, args):
         ptr = _item_ptr(context, builder, sig.args[0], args[0], args[1])
         return builder.ptrtoint(ptr, ir.IntType(64))
 
     return sig, codegen
 
 
-def _make_arr_rmw(op: str):  # type: ignore[no-untyped-def]
+def _make_arr_rmw(op: str):
     @intrinsic
-    def rmw(typingctx, arr, idx, val):  # type: ignore[no-untyped-def]
+    def rmw(typingctx, arr, idx, val):
         if not _is_atomic_array(arr) or not isinstance(idx, types.Integer):
             return None
         sig = arr.dtype(arr, types.intp, arr.dtype)
 
-        def codegen(context, builder, sig, args):  # type: ignore[no-untyped-def]
+        def codegen(context, builder, sig, args):
             ptr = _item_ptr(context, builder, sig.args[0], args[0], args[1])
             return builder.atomic_rmw(op, ptr, args[2], "seq_cst")
 
@@ -231,12 +256,12 @@ arr_xchg = _make_arr_rmw("xchg")
 
 
 @intrinsic
-def arr_cas(typingctx, arr, idx, expected, desired):  # type: ignore[no-untyped-def]
+def arr_cas(typingctx, arr, idx, expected, desired):
     if not _is_atomic_array(arr) or not isinstance(idx, types.Integer):
         return None
     sig = arr.dtype(arr, types.intp, arr.dtype, arr.dtype)
 
-    def codegen(context, builder, sig, args):  # type: ignore[no-untyped-def]
+    def codegen(context, builder, sig, args):
         ptr = _item_ptr(context, builder, sig.args[0], args[0], args[1])
         pair = builder.cmpxchg(ptr, args[2], args[3], "seq_cst", "seq_cst")
         return builder.extract_value(pair, 0)
@@ -245,7 +270,7 @@ def arr_cas(typingctx, arr, idx, expected, desired):  # type: ignore[no-untyped-
 
 
 @intrinsic
-def arr_load(typingctx, arr, idx):  # type: ignore[no-untyped-def]
+def arr_load(typingctx, arr, idx):
     # Loads also work on read-only arrays: a load never writes.
     if not (
         isinstance(arr, types.Array)
@@ -256,7 +281,7 @@ def arr_load(typingctx, arr, idx):  # type: ignore[no-untyped-def]
         return None
     sig = arr.dtype(arr, types.intp)
 
-    def codegen(context, builder, sig, args):  # type: ignore[no-untyped-def]
+    def codegen(context, builder, sig, args):
         ptr = _item_ptr(context, builder, sig.args[0], args[0], args[1])
         return builder.load_atomic(ptr, "seq_cst", sig.args[0].dtype.bitwidth // 8)
 
@@ -264,12 +289,12 @@ def arr_load(typingctx, arr, idx):  # type: ignore[no-untyped-def]
 
 
 @intrinsic
-def arr_store(typingctx, arr, idx, val):  # type: ignore[no-untyped-def]
+def arr_store(typingctx, arr, idx, val):
     if not _is_atomic_array(arr) or not isinstance(idx, types.Integer):
         return None
     sig = types.void(arr, types.intp, arr.dtype)
 
-    def codegen(context, builder, sig, args):  # type: ignore[no-untyped-def]
+    def codegen(context, builder, sig, args):
         ptr = _item_ptr(context, builder, sig.args[0], args[0], args[1])
         builder.store_atomic(args[2], ptr, "seq_cst", sig.args[0].dtype.bitwidth // 8)
         return context.get_dummy_value()

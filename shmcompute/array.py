@@ -134,9 +134,7 @@ _registry_add: Callable[[int, int, int], None] | None = None
 _registry_remove: Callable[[int], None] | None = None
 
 
-def _install_registry(
-    add: Callable[[int, int, int], None], remove: Callable[[int], None]
-) -> None:
+def _install_registry(add: Callable[[int, int, int], None], remove: Callable[[int], None]) -> None:
     global _registry_add, _registry_remove
     with _map_lock:
         for start, end, lot in list(_mapped.values()):
@@ -198,11 +196,9 @@ def _check_dtype(dtype: DTypeLike) -> np.dtype[Any]:
 def _check_shape(shape: int | Iterable[int]) -> tuple[int, ...]:
     dims = (shape,) if isinstance(shape, (int, np.integer)) else shape
     try:
-        out = tuple(operator.index(d) for d in dims)  # type: ignore[union-attr]
+        out = tuple(operator.index(d) for d in dims)
     except TypeError:
-        raise ArgumentTypeError(
-            f"shape must be an int or a tuple of ints, got {shape!r}"
-        ) from None
+        raise ArgumentTypeError(f"shape must be an int or a tuple of ints, got {shape!r}") from None
     for d in out:
         if d < 0:
             raise ArgumentError(f"shape must not have negative dimensions, got {out}")
@@ -243,7 +239,7 @@ class _State:
     unlink); ``unlinked`` implies ``owner`` was true when it was set.
     """
 
-    __slots__ = ("name", "mm", "array", "owner", "owner_pid", "unlinked", "closed", "detached")
+    __slots__ = ("array", "closed", "detached", "mm", "name", "owner", "owner_pid", "unlinked")
 
     def __init__(self, name: str, mm: mmap.mmap, array: NDArray[Any], owner: bool) -> None:
         self.name = name
@@ -313,7 +309,10 @@ class SharedArray:
             pool.submit(work, a.handle)          # the worker attaches by handle
     """
 
-    __slots__ = ("_state", "_handle", "_finalizer", "__weakref__")
+    __slots__ = ("__weakref__", "_finalizer", "_handle", "_state")
+    _state: _State
+    _handle: SharedArrayHandle
+    _finalizer: weakref.finalize[Any, Any]
 
     def __init__(self) -> None:
         raise TypeError(
@@ -500,7 +499,7 @@ class SharedArray:
     def __len__(self) -> int:
         return self._handle.shape[0] if self._handle.shape else 0
 
-    def __array__(self, dtype: DTypeLike = None, copy: bool | None = None) -> NDArray[Any]:
+    def __array__(self, dtype: DTypeLike | None = None, copy: bool | None = None) -> NDArray[Any]:
         arr = self.array
         if dtype is not None and np.dtype(dtype) != arr.dtype:
             if copy is False:
@@ -566,8 +565,13 @@ class SharedArray:
 
     def __repr__(self) -> str:
         st = self._state
-        flags = "detached" if st.detached else "closed" if st.closed else (
-            "owner" if self.owner else "attached")
+        flags = (
+            "detached"
+            if st.detached
+            else "closed"
+            if st.closed
+            else ("owner" if self.owner else "attached")
+        )
         return f"<SharedArray {st.name} shape={self.shape} dtype={self.dtype} {flags}>"
 
 

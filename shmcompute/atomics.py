@@ -67,9 +67,11 @@ __all__ = [
     "and_",
     "compare_exchange",
     "exchange",
+    "get_spin",
     "load",
     "notify",
     "or_",
+    "set_spin",
     "store",
     "sub",
     "wait",
@@ -100,18 +102,26 @@ _LOCK_TIMEOUT_NS = 10_000_000_000  # no one holds a wait-table lock while blocki
 
 _JIT: dict[str, Any] = {"cache": True}
 _JIT_NOGIL: dict[str, Any] = {"cache": True, "nogil": True}
+# The per-element operations are inlined at the Numba IR level: a call layer costs more
+# than a locked add (~2 ns uncontended here), and LLVM does not inline across them.
+_INLINE: dict[str, Any] = {"cache": True, "inline": "always"}
 
 
 # --- compile-time argument checks (clear TypingErrors in kernels) ----------------------
-def _check_args(arr, index):  # type: ignore[no-untyped-def]
+def _check_args(arr, index):
     pass
 
 
 @overload(_check_args, jit_options=_JIT)
-def _ov_check_args(arr, index):  # type: ignore[no-untyped-def]
-    if not isinstance(arr, types.Array) or arr.ndim != 1 or arr.dtype not in (
-        types.int32,
-        types.int64,
+def _ov_check_args(arr, index):
+    if (
+        not isinstance(arr, types.Array)
+        or arr.ndim != 1
+        or arr.dtype
+        not in (
+            types.int32,
+            types.int64,
+        )
     ):
         raise TypingError(f"shmcompute.atomics: arr must be a 1-D int32 or int64 array, got {arr}")
     if not isinstance(index, types.Integer):
@@ -119,28 +129,28 @@ def _ov_check_args(arr, index):  # type: ignore[no-untyped-def]
     return lambda arr, index: None
 
 
-def _check_writable(arr):  # type: ignore[no-untyped-def]
+def _check_writable(arr):
     pass
 
 
 @overload(_check_writable, jit_options=_JIT)
-def _ov_check_writable(arr):  # type: ignore[no-untyped-def]
+def _ov_check_writable(arr):
     if isinstance(arr, types.Array) and not arr.mutable:
         raise TypingError(f"shmcompute.atomics: arr is read-only ({arr}); atomics write to it")
     return lambda arr: None
 
 
-def _fit(arr, value):  # type: ignore[no-untyped-def]
+def _fit(arr, value):
     pass
 
 
 @overload(_fit, jit_options=_JIT)
-def _ov_fit(arr, value):  # type: ignore[no-untyped-def]
+def _ov_fit(arr, value):
     if not isinstance(value, types.Integer):
         raise TypingError(f"shmcompute.atomics: values must be integers, got {value}")
     if arr.dtype == types.int32:
 
-        def impl32(arr, value):  # type: ignore[no-untyped-def]
+        def impl32(arr, value):
             if value < -2147483648 or value > 2147483647:
                 raise OverflowError("shmcompute.atomics: value does not fit int32")
             return np.int32(value)
@@ -148,7 +158,7 @@ def _ov_fit(arr, value):  # type: ignore[no-untyped-def]
         return impl32
     if isinstance(value, types.Integer) and not value.signed and value.bitwidth == 64:
 
-        def impl_u64(arr, value):  # type: ignore[no-untyped-def]
+        def impl_u64(arr, value):
             if value > 9223372036854775807:
                 raise OverflowError("shmcompute.atomics: value does not fit int64")
             return np.int64(value)
@@ -157,86 +167,97 @@ def _ov_fit(arr, value):  # type: ignore[no-untyped-def]
     return lambda arr, value: np.int64(value)
 
 
-@njit(**_JIT)
-def _slot_ro(arr, index):  # type: ignore[no-untyped-def]
+def _misaligned(arr, index):
+    pass
+
+
+@overload(_misaligned, jit_options=_JIT)
+def _ov_misaligned(arr, index):
+    # A compile-time mask: `address % arr.itemsize` is a runtime division (~13 ns).
+    mask = arr.dtype.bitwidth // 8 - 1
+    return lambda arr, index: (N.item_address(arr, index) & mask) != 0
+
+
+@njit(**_INLINE)
+def _slot_ro(arr, index):
     _check_args(arr, index)
     if index < 0 or index >= arr.shape[0]:
         raise IndexError("shmcompute.atomics: index out of range")
-    if N.item_address(arr, index) % arr.itemsize != 0:
+    if _misaligned(arr, index):
         raise ValueError("shmcompute.atomics: element is not aligned to its size")
 
 
-@njit(**_JIT)
-def _slot(arr, index):  # type: ignore[no-untyped-def]
+@njit(**_INLINE)
+def _slot(arr, index):
     _check_writable(arr)
     _slot_ro(arr, index)
 
 
 # --- the operations, compiled -----------------------------------------------------------
-@njit(**_JIT)
-def _load_impl(arr, index):  # type: ignore[no-untyped-def]
+@njit(**_INLINE)
+def _load_impl(arr, index):
     _slot_ro(arr, index)
     return N.arr_load(arr, index)
 
 
-@njit(**_JIT)
-def _store_impl(arr, index, value):  # type: ignore[no-untyped-def]
+@njit(**_INLINE)
+def _store_impl(arr, index, value):
     _slot(arr, index)
     v = _fit(arr, value)
     N.arr_store(arr, index, v)
     return v
 
 
-@njit(**_JIT)
-def _add_impl(arr, index, value):  # type: ignore[no-untyped-def]
+@njit(**_INLINE)
+def _add_impl(arr, index, value):
     _slot(arr, index)
     return N.arr_add(arr, index, _fit(arr, value))
 
 
-@njit(**_JIT)
-def _sub_impl(arr, index, value):  # type: ignore[no-untyped-def]
+@njit(**_INLINE)
+def _sub_impl(arr, index, value):
     _slot(arr, index)
     return N.arr_sub(arr, index, _fit(arr, value))
 
 
-@njit(**_JIT)
-def _and_impl(arr, index, value):  # type: ignore[no-untyped-def]
+@njit(**_INLINE)
+def _and_impl(arr, index, value):
     _slot(arr, index)
     return N.arr_and(arr, index, _fit(arr, value))
 
 
-@njit(**_JIT)
-def _or_impl(arr, index, value):  # type: ignore[no-untyped-def]
+@njit(**_INLINE)
+def _or_impl(arr, index, value):
     _slot(arr, index)
     return N.arr_or(arr, index, _fit(arr, value))
 
 
-@njit(**_JIT)
-def _xor_impl(arr, index, value):  # type: ignore[no-untyped-def]
+@njit(**_INLINE)
+def _xor_impl(arr, index, value):
     _slot(arr, index)
     return N.arr_xor(arr, index, _fit(arr, value))
 
 
-@njit(**_JIT)
-def _exchange_impl(arr, index, value):  # type: ignore[no-untyped-def]
+@njit(**_INLINE)
+def _exchange_impl(arr, index, value):
     _slot(arr, index)
     return N.arr_xchg(arr, index, _fit(arr, value))
 
 
-@njit(**_JIT)
-def _cas_impl(arr, index, expected, replacement):  # type: ignore[no-untyped-def]
+@njit(**_INLINE)
+def _cas_impl(arr, index, expected, replacement):
     _slot(arr, index)
     return N.arr_cas(arr, index, _fit(arr, expected), _fit(arr, replacement))
 
 
 @njit(**_JIT)
-def _cas_address(addr, expected, desired):  # type: ignore[no-untyped-def]
+def _cas_address(addr, expected, desired):
     return N.i64_cas(addr, expected, desired)
 
 
 # --- the registry of mapped segments (seqlock; writers hold _array._map_lock) -----------
 @njit(**_JIT)
-def _reg_add(start, end, lot):  # type: ignore[no-untyped-def]
+def _reg_add(start, end, lot):
     reg = N.registry_address()
     N.i64_add(reg + L.REG_SEQ * 8, 1)  # odd: readers retry
     n = N.i64_load(reg + L.REG_COUNT * 8)
@@ -265,7 +286,7 @@ def _reg_add(start, end, lot):  # type: ignore[no-untyped-def]
 
 
 @njit(**_JIT)
-def _reg_remove(start):  # type: ignore[no-untyped-def]
+def _reg_remove(start):
     reg = N.registry_address()
     N.i64_add(reg + L.REG_SEQ * 8, 1)
     n = N.i64_load(reg + L.REG_COUNT * 8)
@@ -281,7 +302,7 @@ def _reg_remove(start):  # type: ignore[no-untyped-def]
 
 
 @njit(**_JIT)
-def _lookup(addr):  # type: ignore[no-untyped-def]
+def _lookup(addr):
     """(wait table, key) for the element at ``addr``: the segment's table keyed by the
     byte offset (the same in every process), else the process-local table by address."""
     reg = N.registry_address()
@@ -309,18 +330,18 @@ def _lookup(addr):  # type: ignore[no-untyped-def]
 
 # --- the wait table ---------------------------------------------------------------------
 @njit(**_JIT)
-def _now_ns(ts):  # type: ignore[no-untyped-def]
+def _now_ns(ts):
     N.clock_gettime(N.CLOCK_MONOTONIC, N.voidptr(ts.ctypes.data))
     return ts[0] * 1_000_000_000 + ts[1]
 
 
 @njit(**_JIT)
-def _errno():  # type: ignore[no-untyped-def]
+def _errno():
     return N.errno_value()
 
 
 @njit(**_JIT)
-def _sem_wait_until(sem, deadline, ts):  # type: ignore[no-untyped-def]
+def _sem_wait_until(sem, deadline, ts):
     """sem_wait with an absolute CLOCK_MONOTONIC deadline (< 0: none); 0 or errno."""
     if deadline < 0:
         rc = N.sem_wait(N.voidptr(sem))
@@ -332,7 +353,7 @@ def _sem_wait_until(sem, deadline, ts):  # type: ignore[no-untyped-def]
 
 
 @njit(**_JIT)
-def _lot_ready(lot, ts):  # type: ignore[no-untyped-def]
+def _lot_ready(lot, ts):
     """Initialize the table on first use (whoever wins the CAS); 0 or an error code."""
     state = lot + L.LOT_STATE
     if N.i64_load(state) == L.LOT_READY:
@@ -352,7 +373,7 @@ def _lot_ready(lot, ts):  # type: ignore[no-untyped-def]
 
 
 @njit(**_JIT)
-def _lock(lot, ts):  # type: ignore[no-untyped-def]
+def _lock(lot, ts):
     sem = lot + L.LOT_LOCK
     if N.sem_trywait(N.voidptr(sem)) == 0:
         return 0
@@ -367,12 +388,12 @@ def _lock(lot, ts):  # type: ignore[no-untyped-def]
 
 
 @njit(**_JIT)
-def _unlock(lot):  # type: ignore[no-untyped-def]
+def _unlock(lot):
     N.sem_post(N.voidptr(lot + L.LOT_LOCK))
 
 
 @njit(**_JIT_NOGIL)
-def _wait_impl(arr, index, expected, deadline, interruptible):  # type: ignore[no-untyped-def]
+def _wait_impl(arr, index, expected, deadline, interruptible):
     _slot(arr, index)
     exp = _fit(arr, expected)
     lot, key = _lookup(N.item_address(arr, index))
@@ -406,6 +427,22 @@ def _wait_impl(arr, index, expected, deadline, interruptible):  # type: ignore[n
         return 1  # NOT_EQUAL
     _unlock(lot)
 
+    # Spin briefly before sleeping: a notify that comes within the budget finds us awake,
+    # so its sem_post makes no futex call and we never sleep (a wake-up from sleep costs
+    # tens of microseconds here). Bounded, because spinning collapses when cores are
+    # oversubscribed.
+    spin = N.i64_load(N.registry_address() + L.REG_SPIN_NS * 8)
+    if spin > 0:
+        stop = _now_ns(ts) + spin
+        if deadline >= 0 and deadline < stop:
+            stop = deadline
+        k = 0
+        while N.i64_load(slot + L.SLOT_STATE) == L.SLOT_WAITING:
+            N.cpu_relax()
+            k += 1
+            if (k & 63) == 0 and _now_ns(ts) >= stop:
+                break
+
     sem = slot + L.SLOT_SEM
     while True:
         err = _sem_wait_until(sem, deadline, ts)
@@ -432,7 +469,7 @@ def _wait_impl(arr, index, expected, deadline, interruptible):  # type: ignore[n
 
 
 @njit(**_JIT)
-def _notify_impl(arr, index, count):  # type: ignore[no-untyped-def]
+def _notify_impl(arr, index, count):
     _slot(arr, index)
     if count < 0:
         raise ValueError("shmcompute.atomics: count must be >= 0")
@@ -449,10 +486,7 @@ def _notify_impl(arr, index, count):  # type: ignore[no-untyped-def]
         best_ticket = 0
         for k in range(L.LOT_NSLOTS):
             s = lot + L.LOT_SLOTS + k * L.LOT_SLOT_SIZE
-            if (
-                N.i64_load(s + L.SLOT_STATE) == L.SLOT_WAITING
-                and N.i64_load(s + L.SLOT_KEY) == key
-            ):
+            if N.i64_load(s + L.SLOT_STATE) == L.SLOT_WAITING and N.i64_load(s + L.SLOT_KEY) == key:
                 t = N.i64_load(s + L.SLOT_TICKET)
                 if best == 0 or t < best_ticket:
                     best = s
@@ -468,7 +502,7 @@ def _notify_impl(arr, index, count):  # type: ignore[no-untyped-def]
 
 
 @njit(**_JIT)
-def _waiters_impl(arr, index):  # type: ignore[no-untyped-def]
+def _waiters_impl(arr, index):
     _slot_ro(arr, index)
     lot, key = _lookup(N.item_address(arr, index))
     if N.i64_load(lot + L.LOT_NWAITERS) == 0:
@@ -488,13 +522,17 @@ def _as_ndarray(arr: Any) -> np.ndarray:
     if isinstance(arr, _array.SharedArray):
         view = arr._state.array  # the hot path skips the property's checks
         return view if view is not None else arr.array  # closed: .array raises
-    raise ArgumentTypeError(
-        f"arr must be a NumPy array or a SharedArray, got {type(arr).__name__}"
-    )
+    raise ArgumentTypeError(f"arr must be a NumPy array or a SharedArray, got {type(arr).__name__}")
 
 
-def _diagnose(op: str, arr: np.ndarray, index: Any, values: tuple[Any, ...],
-              writes: bool, cause: BaseException) -> BaseException:
+def _diagnose(
+    op: str,
+    arr: np.ndarray,
+    index: Any,
+    values: tuple[Any, ...],
+    writes: bool,
+    cause: BaseException,
+) -> BaseException:
     """Turn a failure of the compiled call into an error that names the problem."""
     where = f"shmcompute.atomics.{op}"
     if arr.dtype not in (np.int32, np.int64):
@@ -537,8 +575,9 @@ def _diagnose(op: str, arr: np.ndarray, index: Any, values: tuple[Any, ...],
     return cause
 
 
-def _fail(op: str, arr: Any, index: Any, values: tuple[Any, ...], writes: bool,
-          cause: BaseException) -> BaseException:
+def _fail(
+    op: str, arr: Any, index: Any, values: tuple[Any, ...], writes: bool, cause: BaseException
+) -> BaseException:
     if not isinstance(arr, np.ndarray):
         return cause
     return _diagnose(op, arr, index, values, writes, cause)
@@ -549,7 +588,7 @@ def load(arr: Any, index: int) -> int:
     if type(arr) is not np.ndarray:
         arr = _as_ndarray(arr)
     try:
-        return _load_impl(arr, index)  # type: ignore[no-any-return]
+        return _load_impl(arr, index)
     except Exception as e:
         raise _fail("load", arr, index, (), False, e) from None
 
@@ -559,7 +598,7 @@ def store(arr: Any, index: int, value: int) -> int:
     if type(arr) is not np.ndarray:
         arr = _as_ndarray(arr)
     try:
-        return _store_impl(arr, index, value)  # type: ignore[no-any-return]
+        return _store_impl(arr, index, value)
     except Exception as e:
         raise _fail("store", arr, index, (value,), True, e) from None
 
@@ -569,7 +608,7 @@ def add(arr: Any, index: int, value: int) -> int:
     if type(arr) is not np.ndarray:
         arr = _as_ndarray(arr)
     try:
-        return _add_impl(arr, index, value)  # type: ignore[no-any-return]
+        return _add_impl(arr, index, value)
     except Exception as e:
         raise _fail("add", arr, index, (value,), True, e) from None
 
@@ -579,7 +618,7 @@ def sub(arr: Any, index: int, value: int) -> int:
     if type(arr) is not np.ndarray:
         arr = _as_ndarray(arr)
     try:
-        return _sub_impl(arr, index, value)  # type: ignore[no-any-return]
+        return _sub_impl(arr, index, value)
     except Exception as e:
         raise _fail("sub", arr, index, (value,), True, e) from None
 
@@ -589,7 +628,7 @@ def and_(arr: Any, index: int, value: int) -> int:
     if type(arr) is not np.ndarray:
         arr = _as_ndarray(arr)
     try:
-        return _and_impl(arr, index, value)  # type: ignore[no-any-return]
+        return _and_impl(arr, index, value)
     except Exception as e:
         raise _fail("and_", arr, index, (value,), True, e) from None
 
@@ -599,7 +638,7 @@ def or_(arr: Any, index: int, value: int) -> int:
     if type(arr) is not np.ndarray:
         arr = _as_ndarray(arr)
     try:
-        return _or_impl(arr, index, value)  # type: ignore[no-any-return]
+        return _or_impl(arr, index, value)
     except Exception as e:
         raise _fail("or_", arr, index, (value,), True, e) from None
 
@@ -609,7 +648,7 @@ def xor(arr: Any, index: int, value: int) -> int:
     if type(arr) is not np.ndarray:
         arr = _as_ndarray(arr)
     try:
-        return _xor_impl(arr, index, value)  # type: ignore[no-any-return]
+        return _xor_impl(arr, index, value)
     except Exception as e:
         raise _fail("xor", arr, index, (value,), True, e) from None
 
@@ -619,7 +658,7 @@ def exchange(arr: Any, index: int, value: int) -> int:
     if type(arr) is not np.ndarray:
         arr = _as_ndarray(arr)
     try:
-        return _exchange_impl(arr, index, value)  # type: ignore[no-any-return]
+        return _exchange_impl(arr, index, value)
     except Exception as e:
         raise _fail("exchange", arr, index, (value,), True, e) from None
 
@@ -630,7 +669,7 @@ def compare_exchange(arr: Any, index: int, expected: int, replacement: int) -> i
     if type(arr) is not np.ndarray:
         arr = _as_ndarray(arr)
     try:
-        return _cas_impl(arr, index, expected, replacement)  # type: ignore[no-any-return]
+        return _cas_impl(arr, index, expected, replacement)
     except Exception as e:
         raise _fail("compare_exchange", arr, index, (expected, replacement), True, e) from None
 
@@ -638,12 +677,9 @@ def compare_exchange(arr: Any, index: int, expected: int, replacement: int) -> i
 def _timeout_ns(timeout: float | None) -> int:
     if timeout is None:
         return -1
-    try:
-        t = float(timeout)
-    except (TypeError, ValueError):
-        raise ArgumentTypeError(
-            f"timeout must be a number of seconds or None, got {timeout!r}"
-        ) from None
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float, np.integer, np.floating)):
+        raise ArgumentTypeError(f"timeout must be a number of seconds or None, got {timeout!r}")
+    t = float(timeout)
     if not t >= 0:  # also rejects NaN
         raise ArgumentError(f"timeout must be >= 0 seconds or None, got {timeout!r}")
     return int(min(t, 1e9) * 1e9)
@@ -667,6 +703,25 @@ def _raise_code(op: str, code: int) -> None:
             f"shmcompute.atomics.{op}: the segment's wait table was never initialized "
             "(its initializer died); recreate the SharedArray"
         )
+
+
+DEFAULT_SPIN = 20e-6
+
+
+def set_spin(seconds: float) -> float:
+    """Set how long ``wait`` spins (in this process) before it sleeps; returns the old
+    value. The default, 20 us, catches fast hand-offs between running threads and
+    processes; 0 sleeps at once (best when cores are oversubscribed)."""
+    if isinstance(seconds, bool) or not isinstance(seconds, (int, float)) or not seconds >= 0:
+        raise ArgumentError(f"seconds must be a number >= 0, got {seconds!r}")
+    old = int(N.registry[L.REG_SPIN_NS]) / 1e9
+    N.registry[L.REG_SPIN_NS] = int(min(seconds, 1.0) * 1e9)
+    return old
+
+
+def get_spin() -> float:
+    """How long ``wait`` spins before sleeping, in seconds."""
+    return int(N.registry[L.REG_SPIN_NS]) / 1e9
 
 
 def wait(arr: Any, index: int, expected: int, timeout: float | None = None) -> WaitResult:
@@ -707,7 +762,7 @@ def notify(arr: Any, index: int, count: int = ALL) -> int:
             raise ArgumentError(f"notify: count must be >= 0 (or ALL), got {count}") from None
         raise _fail("notify", arr, index, (), True, e) from None
     _raise_code("notify", code)
-    return code  # type: ignore[no-any-return]
+    return code
 
 
 def waiters(arr: Any, index: int) -> int:
@@ -715,69 +770,71 @@ def waiters(arr: Any, index: int) -> int:
     if type(arr) is not np.ndarray:
         arr = _as_ndarray(arr)
     try:
-        return _waiters_impl(arr, index)  # type: ignore[no-any-return]
+        return _waiters_impl(arr, index)
     except Exception as e:
         raise _fail("waiters", arr, index, (), False, e) from None
 
 
 # --- the same functions inside compiled code -----------------------------------------
-@overload(load, jit_options=_JIT)
-def _ov_load(arr, index):  # type: ignore[no-untyped-def]
+@overload(load, jit_options=_JIT, inline="always")
+def _ov_load(arr, index):
     return lambda arr, index: _load_impl(arr, index)
 
 
-@overload(store, jit_options=_JIT)
-def _ov_store(arr, index, value):  # type: ignore[no-untyped-def]
+@overload(store, jit_options=_JIT, inline="always")
+def _ov_store(arr, index, value):
     return lambda arr, index, value: _store_impl(arr, index, value)
 
 
-@overload(add, jit_options=_JIT)
-def _ov_add(arr, index, value):  # type: ignore[no-untyped-def]
+@overload(add, jit_options=_JIT, inline="always")
+def _ov_add(arr, index, value):
     return lambda arr, index, value: _add_impl(arr, index, value)
 
 
-@overload(sub, jit_options=_JIT)
-def _ov_sub(arr, index, value):  # type: ignore[no-untyped-def]
+@overload(sub, jit_options=_JIT, inline="always")
+def _ov_sub(arr, index, value):
     return lambda arr, index, value: _sub_impl(arr, index, value)
 
 
-@overload(and_, jit_options=_JIT)
-def _ov_and(arr, index, value):  # type: ignore[no-untyped-def]
+@overload(and_, jit_options=_JIT, inline="always")
+def _ov_and(arr, index, value):
     return lambda arr, index, value: _and_impl(arr, index, value)
 
 
-@overload(or_, jit_options=_JIT)
-def _ov_or(arr, index, value):  # type: ignore[no-untyped-def]
+@overload(or_, jit_options=_JIT, inline="always")
+def _ov_or(arr, index, value):
     return lambda arr, index, value: _or_impl(arr, index, value)
 
 
-@overload(xor, jit_options=_JIT)
-def _ov_xor(arr, index, value):  # type: ignore[no-untyped-def]
+@overload(xor, jit_options=_JIT, inline="always")
+def _ov_xor(arr, index, value):
     return lambda arr, index, value: _xor_impl(arr, index, value)
 
 
-@overload(exchange, jit_options=_JIT)
-def _ov_exchange(arr, index, value):  # type: ignore[no-untyped-def]
+@overload(exchange, jit_options=_JIT, inline="always")
+def _ov_exchange(arr, index, value):
     return lambda arr, index, value: _exchange_impl(arr, index, value)
 
 
-@overload(compare_exchange, jit_options=_JIT)
-def _ov_cas(arr, index, expected, replacement):  # type: ignore[no-untyped-def]
+@overload(compare_exchange, jit_options=_JIT, inline="always")
+def _ov_cas(arr, index, expected, replacement):
     return lambda arr, index, expected, replacement: _cas_impl(arr, index, expected, replacement)
 
 
 @overload(wait, jit_options=_JIT)
-def _ov_wait(arr, index, expected, timeout=None):  # type: ignore[no-untyped-def]
+def _ov_wait(arr, index, expected, timeout=None):
     if timeout is None or isinstance(timeout, (types.NoneType, types.Omitted)):
 
-        def wait_forever(arr, index, expected, timeout=None):  # type: ignore[no-untyped-def]
+        def wait_forever(arr, index, expected, timeout=None):
             return _wait_impl(arr, index, expected, -1, False)
 
         return wait_forever
     if not isinstance(timeout, (types.Integer, types.Float)):
-        raise TypingError(f"shmcompute.atomics.wait: timeout must be seconds or None, got {timeout}")
+        raise TypingError(
+            f"shmcompute.atomics.wait: timeout must be seconds or None, got {timeout}"
+        )
 
-    def wait_timeout(arr, index, expected, timeout=None):  # type: ignore[no-untyped-def]
+    def wait_timeout(arr, index, expected, timeout=None):
         if not timeout >= 0:
             raise ValueError("shmcompute.atomics.wait: timeout must be >= 0")
         ts = np.empty(2, np.int64)
@@ -791,8 +848,8 @@ def _ov_wait(arr, index, expected, timeout=None):  # type: ignore[no-untyped-def
 
 
 @overload(notify, jit_options=_JIT)
-def _ov_notify(arr, index, count=ALL):  # type: ignore[no-untyped-def]
-    def notify_impl(arr, index, count=ALL):  # type: ignore[no-untyped-def]
+def _ov_notify(arr, index, count=ALL):
+    def notify_impl(arr, index, count=ALL):
         code = _notify_impl(arr, index, count)
         if code < 0:
             raise RuntimeError("shmcompute.atomics.notify: wait table abandoned")
@@ -811,6 +868,7 @@ def _setup() -> None:
     local = mmap.mmap(-1, L.LOT_SIZE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
     table = np.frombuffer(local, dtype=np.uint8)
     N.registry[L.REG_LOCAL_LOT] = table.ctypes.data
+    N.registry[L.REG_SPIN_NS] = int(DEFAULT_SPIN * 1e9)
     globals()["_local_lot"] = table  # keeps the mapping alive for the process lifetime
     os.register_at_fork(after_in_child=lambda: table.fill(0))
 

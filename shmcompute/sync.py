@@ -65,7 +65,7 @@ class _Shared:
 
     _kind: ClassVar[str]
     _nslots: ClassVar[int]
-    __slots__ = ("_shared", "_w", "_param")
+    __slots__ = ("_param", "_shared", "_w")
 
     def _init_new(self, param: int) -> None:
         self._shared = SharedArray.create(self._nslots, np.int64)

@@ -122,7 +122,9 @@ def test_unlink_exactly_once_and_idempotent():
     a.array[0] = 1  # the mapping stays valid after unlink
     a.close()
     with pytest.raises(shc.SegmentNotFoundError, match="no longer exists"):
-        SharedArray.attach(a.handle if not a.closed else array_mod.SharedArrayHandle(name, (4,), np.dtype("f8")))
+        SharedArray.attach(
+            a.handle if not a.closed else array_mod.SharedArrayHandle(name, (4,), np.dtype("f8"))
+        )
 
 
 def test_attacher_cannot_unlink():
@@ -274,7 +276,7 @@ def test_attach_errors():
 
 
 def test_direct_construction_is_refused():
-    with pytest.raises(TypeError, match="SharedArray.create"):
+    with pytest.raises(TypeError, match=r"SharedArray\.create"):
         SharedArray()
 
 
@@ -344,8 +346,11 @@ CRASHING_CREATOR = textwrap.dedent(
 @pytest.mark.crash
 def test_reap_removes_segments_of_a_killed_process_group():
     proc = subprocess.Popen(
-        [sys.executable, "-c", CRASHING_CREATOR], stdout=subprocess.PIPE, text=True,
-        cwd=ROOT, start_new_session=True,
+        [sys.executable, "-c", CRASHING_CREATOR],
+        stdout=subprocess.PIPE,
+        text=True,
+        cwd=ROOT,
+        start_new_session=True,
     )
     try:
         name = proc.stdout.readline().strip()

@@ -1,0 +1,217 @@
+"""Semaphore, Event, Barrier across threads and processes."""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import pickle
+import threading
+import time
+from concurrent.futures import ProcessPoolExecutor
+
+import pytest
+
+import shmcompute as shc
+from shmcompute.sync import BarrierStatistics, EventStatistics, SemaphoreStatistics
+from tests import _helpers as H
+from tests.test_wait import BOUND, until
+
+
+@pytest.fixture
+def pool():
+    with ProcessPoolExecutor(2, mp_context=mp.get_context("forkserver")) as ex:
+        yield ex
+
+
+def closing(obj):
+    class _C:
+        def __enter__(self):
+            return obj
+
+        def __exit__(self, *a):
+            obj.close()
+
+    return _C()
+
+
+# --- Semaphore -----------------------------------------------------------------------
+def test_semaphore_counts_and_nowait():
+    with closing(shc.Semaphore(2)) as s:
+        assert s.acquire() and s.acquire(timeout=0)
+        assert not s.acquire(blocking=False)
+        with pytest.raises(shc.WouldBlock):
+            s.acquire_nowait()
+        t = time.perf_counter()
+        assert not s.acquire(timeout=0.05)
+        assert time.perf_counter() - t >= 0.05
+        s.release(2)
+        assert s.value == 2
+        s.acquire_nowait()
+        assert s.statistics() == SemaphoreStatistics(value=1, waiters=0)
+
+
+def test_semaphore_release_wakes_a_blocked_thread():
+    with closing(shc.Semaphore(0)) as s:
+        got: list[bool] = []
+        t = threading.Thread(target=lambda: got.append(s.acquire(timeout=BOUND)))
+        t.start()
+        until(lambda: s.statistics().waiters == 1, "acquirer parked")
+        s.release()
+        t.join(BOUND)
+        assert got == [True] and s.value == 0
+
+
+def test_semaphore_across_processes(pool):
+    with closing(shc.Semaphore(0)) as s:
+        fut = pool.submit(H.child_sync, "semaphore", s, BOUND)  # pickled by handle
+        until(lambda: s.statistics().waiters == 1, "child parked")
+        s.release()
+        assert fut.result(BOUND) is True
+        assert pool.submit(H.child_sync, "semaphore", s, 0.01).result(BOUND) is False
+
+
+def test_semaphore_mutual_exclusion_threads():
+    with closing(shc.Semaphore(1)) as s:
+        inside = [0]
+        worst = [0]
+
+        def work():
+            for _ in range(2000):
+                with s:
+                    inside[0] += 1
+                    worst[0] = max(worst[0], inside[0])
+                    inside[0] -= 1
+
+        threads = [threading.Thread(target=work) for _ in range(3)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(BOUND)
+        assert worst[0] == 1 and s.value == 1
+
+
+@pytest.mark.parametrize("bad", [-1, 1.5, True])
+def test_semaphore_bad_value(bad):
+    with pytest.raises((shc.ArgumentError, shc.ArgumentTypeError), match="value"):
+        shc.Semaphore(bad)
+
+
+# --- Event ---------------------------------------------------------------------------
+def test_event_set_clear_wait():
+    with closing(shc.Event()) as e:
+        assert not e.is_set() and not e.wait(0.01)
+        e.set()
+        assert e.is_set() and e.wait(0) and e.wait()
+        e.clear()
+        assert e.statistics() == EventStatistics(is_set=False, waiters=0)
+
+
+def test_event_wakes_every_waiter_threads_and_processes(pool):
+    with closing(shc.Event()) as e:
+        got: list[bool] = []
+        threads = [threading.Thread(target=lambda: got.append(e.wait(BOUND))) for _ in range(3)]
+        for t in threads:
+            t.start()
+        futs = [pool.submit(H.child_sync, "event", e, BOUND) for _ in range(2)]
+        until(lambda: e.statistics().waiters == 5, "all waiters parked")
+        e.set()
+        for t in threads:
+            t.join(BOUND)
+        assert got == [True] * 3
+        assert [f.result(BOUND) for f in futs] == [True, True]
+
+
+# --- Barrier -------------------------------------------------------------------------
+def test_barrier_threads_cyclic():
+    with closing(shc.Barrier(3)) as b:
+        indices: list[int] = []
+        lock = threading.Lock()
+
+        def party():
+            for _ in range(5):
+                i = b.wait(BOUND)
+                with lock:
+                    indices.append(i)
+
+        threads = [threading.Thread(target=party) for _ in range(3)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(BOUND)
+        assert sorted(indices) == sorted([0, 1, 2] * 5)
+        assert b.statistics() == BarrierStatistics(3, 0, False, 10)
+
+
+def test_barrier_across_processes(pool):
+    with closing(shc.Barrier(3)) as b:
+        futs = [pool.submit(H.child_sync, "barrier", b, BOUND) for _ in range(2)]
+        until(lambda: b.n_waiting == 2, "children arrived")
+        assert b.wait(BOUND) == 2  # last to arrive
+        assert sorted(f.result(BOUND) for f in futs) == [0, 1]
+
+
+def test_barrier_timeout_breaks_it_for_everyone():
+    with closing(shc.Barrier(3)) as b:
+        errors: list[BaseException] = []
+
+        def party():
+            try:
+                b.wait(BOUND)
+            except shc.BrokenBarrierError as e:
+                errors.append(e)
+
+        t = threading.Thread(target=party)
+        t.start()
+        until(lambda: b.n_waiting == 1, "one party waiting")
+        with pytest.raises(threading.BrokenBarrierError, match="timed out"):
+            b.wait(0.05)
+        t.join(BOUND)
+        assert len(errors) == 1 and b.broken
+        with pytest.raises(shc.BrokenBarrierError, match="reset"):
+            b.wait(BOUND)
+        b.reset()
+        assert not b.broken and b.n_waiting == 0
+
+
+def test_barrier_reset_breaks_current_waiters():
+    with closing(shc.Barrier(2)) as b:
+        errors: list[BaseException] = []
+
+        def party():
+            with pytest.raises(shc.BrokenBarrierError) as info:
+                b.wait(BOUND)
+            errors.append(info.value)
+
+        t = threading.Thread(target=party)
+        t.start()
+        until(lambda: b.n_waiting == 1, "party waiting")
+        b.reset()
+        t.join(BOUND)
+        assert len(errors) == 1 and not b.broken
+        # and it works again afterwards
+        t = threading.Thread(target=b.wait, args=(BOUND,))
+        t.start()
+        assert b.wait(BOUND) in (0, 1)
+        t.join(BOUND)
+
+
+def test_barrier_bad_parties():
+    with pytest.raises(shc.ArgumentError, match="parties"):
+        shc.Barrier(0)
+
+
+def test_attach_checks_the_kind():
+    with closing(shc.Event()) as e:
+        with pytest.raises(shc.ArgumentTypeError, match="Semaphore"):
+            shc.Semaphore.attach(e.handle)
+        f = pickle.loads(pickle.dumps(e))
+        f.set()
+        assert e.is_set()
+        f.close()
+
+
+def test_bad_timeouts():
+    with closing(shc.Event()) as e:
+        with pytest.raises(shc.ArgumentError, match="timeout"):
+            e.wait(-1)
+        with pytest.raises(shc.ArgumentTypeError, match="timeout"):
+            e.wait("soon")
