@@ -6,9 +6,9 @@ import numpy as np
 from numba import njit
 
 import shmcompute.atomics as at
-from shmcompute import SharedArray
 
-TURN, STOP = 0, 1
+# The wait/notify and Pipe echo loops are the demo's own (one implementation).
+from shmcompute._demo import STOP, TURN, echo_pipe, echo_wait_notify  # noqa: F401
 
 
 @njit(nogil=True, cache=True)
@@ -23,28 +23,6 @@ def plain_adds(arr, idx, n):
 def atomic_adds(arr, idx, n):
     for i in range(n):
         at.add(arr, idx[i & 1023], 1)
-
-
-def echo_wait_notify(handle) -> None:
-    """Answer every odd TURN with TURN + 1 until STOP is set."""
-    a = SharedArray.attach(handle)
-    ctrl = a.array
-    try:
-        seen = 0
-        while at.load(ctrl, STOP) == 0:
-            at.wait(ctrl, TURN, seen, 1.0)  # bounded: re-checks STOP every second
-            v = at.load(ctrl, TURN)
-            if v & 1:
-                at.store(ctrl, TURN, v + 1)
-                at.notify(ctrl, TURN, 1)
-            seen = at.load(ctrl, TURN)
-    finally:
-        a.close()
-
-
-def echo_pipe(conn) -> None:
-    while (msg := conn.recv()) is not None:
-        conn.send(msg)
 
 
 def echo_queue(q_in, q_out) -> None:

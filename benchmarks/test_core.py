@@ -122,7 +122,7 @@ CTX = mp.get_context("forkserver")
 def test_roundtrip_wait_notify(benchmark):
     with shc.zeros(2, np.int64) as a:
         ctrl = a.array
-        child = CTX.Process(target=W.echo_wait_notify, args=(a.handle,), daemon=True)
+        child = CTX.Process(target=W.echo_wait_notify, args=(a,), daemon=True)
         child.start()
         try:
 

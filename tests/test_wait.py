@@ -242,3 +242,18 @@ def test_cross_process_timeout_and_not_equal():
         assert ex.submit(H.child_wait, a.handle, 0, 0, 0.05, False).result(BOUND) == at.TIMED_OUT
         assert ex.submit(H.child_wait, a.handle, 0, 1, BOUND, True).result(BOUND) == at.NOT_EQUAL
         assert at.waiters(a, 0) == 0
+
+
+def test_notify_without_waiters_takes_no_lock_and_makes_no_call():
+    """A fresh segment's wait table is initialized lazily by the first waiter. A notify
+    with no waiters must leave it untouched: no lock, no semaphore, so no system call."""
+    with shc.zeros(4, np.int64) as a:
+        raw = np.frombuffer(a._state.mm, dtype=np.uint8, count=L.DATA_OFFSET)
+        table = raw[L.SEG_LOT : L.SEG_LOT + L.LOT_SIZE]
+        for _ in range(100):
+            assert at.notify(a, 0) == 0
+            assert H.kernel_notify(a.array, 1, 1) == 0
+        assert not table.any()  # still all zero bytes: never initialized, never locked
+        assert at.wait(a, 0, 0, 0) is at.TIMED_OUT  # the first waiter initializes it
+        assert table.any()
+        del raw, table
