@@ -148,7 +148,6 @@ def _make_i64_rmw(op: str):
 
 
 i64_add = _make_i64_rmw("add")
-i64_xchg = _make_i64_rmw("xchg")
 
 
 @intrinsic

@@ -114,15 +114,8 @@ def _check_args(arr, index):
 
 @overload(_check_args, jit_options=_JIT)
 def _ov_check_args(arr, index):
-    if (
-        not isinstance(arr, types.Array)
-        or arr.ndim != 1
-        or arr.dtype
-        not in (
-            types.int32,
-            types.int64,
-        )
-    ):
+    atomic_dtypes = (types.int32, types.int64)
+    if not isinstance(arr, types.Array) or arr.ndim != 1 or arr.dtype not in atomic_dtypes:
         raise TypingError(f"shmcompute.atomics: arr must be a 1-D int32 or int64 array, got {arr}")
     if not isinstance(index, types.Integer):
         raise TypingError(f"shmcompute.atomics: index must be an integer, got {index}")
