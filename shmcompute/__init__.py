@@ -18,23 +18,36 @@ from .errors import (
     ClosedError,
     DetachedError,
     ForeignSegmentError,
+    InitializerError,
     NotOwnerError,
+    PoolTerminatedError,
     SegmentError,
     SegmentNotFoundError,
     SegmentTooLargeError,
     ShmComputeError,
+    TaskTimeoutError,
     WaitTableFullError,
+    WorkerCrashedError,
     WouldBlock,
 )
 
 if TYPE_CHECKING:
     from . import atomics, sync
+    from .pool import Pool, PoolStats, WorkerHealth, pool_size
     from .sync import Barrier, Event, Semaphore
 
 __version__ = "0.1.0"
 
-_LAZY_MODULES = {"atomics", "sync"}
-_LAZY_NAMES = {"Semaphore": "sync", "Barrier": "sync", "Event": "sync"}
+_LAZY_MODULES = {"atomics", "sync", "pool"}
+_LAZY_NAMES = {
+    "Semaphore": "sync",
+    "Barrier": "sync",
+    "Event": "sync",
+    "Pool": "pool",
+    "PoolStats": "pool",
+    "WorkerHealth": "pool",
+    "pool_size": "pool",
+}
 
 
 def __getattr__(name: str) -> Any:
@@ -59,7 +72,11 @@ __all__ = [
     "DetachedError",
     "Event",
     "ForeignSegmentError",
+    "InitializerError",
     "NotOwnerError",
+    "Pool",
+    "PoolStats",
+    "PoolTerminatedError",
     "Semaphore",
     "SegmentError",
     "SegmentNotFoundError",
@@ -67,12 +84,17 @@ __all__ = [
     "SharedArray",
     "SharedArrayHandle",
     "ShmComputeError",
+    "TaskTimeoutError",
     "WaitTableFullError",
+    "WorkerCrashedError",
+    "WorkerHealth",
     "WouldBlock",
     "__version__",
     "atomics",
     "empty",
     "from_numpy",
+    "pool",
+    "pool_size",
     "reap",
     "sync",
     "zeros",

@@ -72,3 +72,73 @@ REG_ENTRIES = 8
 REG_ENTRY_WORDS = 3
 REG_CAPACITY = 8192
 REG_WORDS = REG_ENTRIES + REG_CAPACITY * REG_ENTRY_WORDS
+
+# --- pool control block (process backend) -----------------------------------------
+# One int64 SharedArray per pool. Word indices (not bytes) for the header and the
+# worker records; byte offsets for the rings. Layout::
+#
+#     words [0, PC_HEADER_WORDS)                 pool header (PC_*)
+#     words [PC_HEADER_WORDS + w * W_WORDS, ...)  worker record w (W_*), per slot
+#     bytes PC_RINGS + w * RING_BYTES_PER_WORKER  task ring w, then result ring w
+#
+# Each ring is single-producer single-consumer: the parent produces tasks and consumes
+# results; worker w consumes tasks and produces results. A ring index only grows; the
+# slot is index % RING_SLOTS. The parent never has more than RING_SLOTS tasks
+# outstanding on a worker, so neither ring can overflow (one result per task).
+PC_RESULT_SEQ = 0  # bumped (and notified) by a worker after it publishes results
+PC_SPINNERS = 1  # callers spinning in Future.result(); while > 0 workers skip the notify
+PC_HEADER_WORDS = 8
+
+W_DOORBELL = 0  # the parent bumps it (and notifies) after pushing tasks or asking to stop
+W_TASK_TAIL = 1  # tasks pushed (parent writes)
+W_TASK_HEAD = 2  # tasks finished (worker writes, after publishing the result)
+W_RES_TAIL = 3  # results published (worker writes)
+W_RES_HEAD = 4  # results consumed (parent writes)
+W_STATE = 5  # WS_* (worker writes, parent reads)
+W_PID = 6
+W_CURRENT = 7  # seq of the task being run, -1 between tasks
+W_STARTED_NS = 8  # CLOCK_MONOTONIC when W_CURRENT started (system-wide clock)
+W_HEARTBEAT = 9  # bumped by the worker's watcher thread every heartbeat interval
+W_HEARTBEAT_NS = 10  # CLOCK_MONOTONIC of the last beat
+W_DONE = 11  # tasks finished by this process
+W_ERRORS = 12  # of which raised
+W_STOP = 13  # nonzero: finish the queued tasks, then exit
+W_WORDS = 16
+
+WS_EMPTY = 0
+WS_STARTING = 1
+WS_IDLE = 2
+WS_BUSY = 3
+WS_EXITING = 4  # recycled (max_tasks_per_child) or stopping: exit is expected
+WS_INIT_FAILED = 5  # the initializer raised; the message is in the result ring
+
+RING_SLOTS = 64
+SLOT_BYTES = 4096
+SLOT_HEAD = 48  # slot header: seq, flags, nbytes, t_start_ns, t_end_ns (int64), pad
+SLOT_INLINE = SLOT_BYTES - SLOT_HEAD  # payloads above this spill to their own segment
+RING_BYTES = RING_SLOTS * SLOT_BYTES
+RING_BYTES_PER_WORKER = 2 * RING_BYTES
+
+# slot header words, relative to the slot start (in int64 words)
+SH_SEQ = 0
+SH_FLAGS = 1
+SH_NBYTES = 2
+SH_T_START = 3
+SH_T_END = 4
+
+# SH_FLAGS bits
+SF_ERROR = 1  # a result that is an exception
+SF_SPILL = 2  # the payload is a pickled SharedArrayHandle of a uint8 segment
+SF_INIT = 4  # an initializer failure report (seq = -1)
+
+
+def pool_bytes(nslots: int) -> int:
+    """Size of a control block with room for ``nslots`` worker records."""
+    rings = -(-(PC_HEADER_WORDS + nslots * W_WORDS) * 8 // 4096) * 4096
+    return rings + nslots * RING_BYTES_PER_WORKER
+
+
+def ring_offset(nslots: int, w: int, results: bool) -> int:
+    """Byte offset of worker ``w``'s task ring (or result ring) in the control block."""
+    rings = pool_bytes(nslots) - nslots * RING_BYTES_PER_WORKER
+    return rings + w * RING_BYTES_PER_WORKER + (RING_BYTES if results else 0)

@@ -8,6 +8,9 @@ written against the stdlib keeps working. Messages say what was wrong and how to
 from __future__ import annotations
 
 import threading
+from concurrent.futures import BrokenExecutor
+from concurrent.futures.process import BrokenProcessPool
+from concurrent.futures.thread import BrokenThreadPool
 
 
 class ShmComputeError(Exception):
@@ -66,6 +69,54 @@ class BrokenBarrierError(ShmComputeError, threading.BrokenBarrierError):
     """The barrier was aborted, reset, or a party timed out while others waited."""
 
 
+class WorkerCrashedError(ShmComputeError, BrokenProcessPool):
+    """A worker process died while running this task (signal, ``os._exit``, OOM kill).
+
+    Only the task that was running fails; the worker is replaced and the pool stays
+    usable. Attributes: ``pid``, ``exitcode`` (negative: killed by signal ``-exitcode``),
+    ``task`` (a short description of the call).
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        pid: int | None = None,
+        exitcode: int | None = None,
+        task: str | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.pid = pid
+        self.exitcode = exitcode
+        self.task = task
+
+    def __reduce__(self) -> tuple[object, ...]:
+        return (_rebuild_crash, (str(self), self.pid, self.exitcode, self.task))
+
+
+def _rebuild_crash(
+    message: str, pid: int | None, exitcode: int | None, task: str | None
+) -> WorkerCrashedError:
+    return WorkerCrashedError(message, pid=pid, exitcode=exitcode, task=task)
+
+
+class InitializerError(ShmComputeError, BrokenProcessPool, BrokenThreadPool):
+    """The pool's ``initializer`` raised in every worker it started, so queued tasks could
+    not run. The worker's traceback is the ``__cause__``. The pool tries again when new
+    tasks arrive (an initializer that fails only sometimes costs nothing but a restart).
+    """
+
+
+class TaskTimeoutError(ShmComputeError, TimeoutError):
+    """A task ran longer than its ``timeout=``; on the process backend its worker was
+    killed and replaced."""
+
+
+class PoolTerminatedError(ShmComputeError, BrokenExecutor):
+    """``shutdown(timeout=...)`` ran out of time and terminated the workers while this
+    task was still queued or running."""
+
+
 __all__ = [
     "ArgumentError",
     "ArgumentTypeError",
@@ -74,11 +125,15 @@ __all__ = [
     "ClosedError",
     "DetachedError",
     "ForeignSegmentError",
+    "InitializerError",
     "NotOwnerError",
+    "PoolTerminatedError",
     "SegmentError",
     "SegmentNotFoundError",
     "SegmentTooLargeError",
     "ShmComputeError",
+    "TaskTimeoutError",
     "WaitTableFullError",
+    "WorkerCrashedError",
     "WouldBlock",
 ]

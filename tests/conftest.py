@@ -40,10 +40,15 @@ def _stray_children() -> list[psutil.Process]:
 @pytest.fixture(scope="session", autouse=True)
 def _compiled_once():
     """Compile every kernel in this process before a child can race to cache it."""
+    from shmcompute.pool import _spin
     from tests import _helpers
 
     _helpers.warm_up()
-    mp.set_forkserver_preload(["numpy", "numba", "shmcompute.atomics", "tests._helpers"])
+    _spin.warm_up()
+    mp.set_forkserver_preload(
+        ["numpy", "numba", "shmcompute.atomics", "shmcompute.pool.worker", "tests._helpers",
+         "tests._pool_tasks"]
+    )
 
 
 @pytest.fixture(autouse=True)

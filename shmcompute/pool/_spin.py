@@ -1,0 +1,117 @@
+"""Compiled nogil helpers for the pools' hot paths.
+
+A caller blocked in ``Future.result()`` spins here *without the GIL* for a bounded time,
+so a worker thread can take the GIL and finish the task, and a worker process's result
+is seen within a microsecond instead of after a futex wake-up of a collector thread.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import njit
+
+from .. import _native as N
+from .. import atomics as at
+from ..atomics import _now_ns
+
+_NOGIL = {"cache": True, "nogil": True}
+
+
+@njit(**_NOGIL)
+def spin_while_equal(words, index, value, spin_ns):  # type: ignore[no-untyped-def]
+    """Spin while ``words[index] == value``, for at most ``spin_ns``; return the last
+    value read (unchanged means the budget ran out)."""
+    ts = np.empty(2, np.int64)
+    v = at.load(words, index)
+    if v != value or spin_ns <= 0:
+        return v
+    stop = _now_ns(ts) + spin_ns
+    k = 0
+    while True:
+        N.cpu_relax()
+        v = at.load(words, index)
+        if v != value:
+            return v
+        k += 1
+        if (k & 63) == 0 and _now_ns(ts) >= stop:
+            return v
+
+
+@njit(**_NOGIL)
+def publish_and_park(words, done_index, bell_index, bell_expected, timeout, gil_index, handoff_ns):  # type: ignore[no-untyped-def]
+    """A worker thread's hand-off: count a finished task, then (if ``bell_expected >= 0``)
+    sleep until the doorbell moves past ``bell_expected``.
+
+    Both run after the GIL was released (this function is nogil), so a caller spinning
+    on ``done_index`` never wakes up just to wait for the GIL the worker still holds.
+    Once woken, wait up to ``handoff_ns`` for a caller to release the GIL (a caller
+    entering ``spin_until_at_least`` bumps ``words[gil_index]``): taking a free GIL is
+    a few nanoseconds, queueing for a held one a futex sleep of tens of microseconds.
+    """
+    if done_index >= 0:
+        at.add(words, done_index, 1)
+    if bell_expected < 0:
+        return 1
+    g0 = at.load(words, gil_index)
+    code = at.wait(words, bell_index, bell_expected, timeout)
+    if code != 2 and handoff_ns > 0:
+        ts = np.empty(2, np.int64)
+        stop = _now_ns(ts) + handoff_ns
+        k = 0
+        while at.load(words, gil_index) == g0:
+            N.cpu_relax()
+            k += 1
+            if (k & 63) == 0 and _now_ns(ts) >= stop:
+                break
+    return code
+
+
+def warm_up() -> None:
+    """Compile (or load from the disk cache) every helper for int64 words."""
+    w = np.zeros(4, np.int64)
+    spin_while_equal(w, 0, 1, 0)
+    publish_and_park(w, 0, 1, -1, 0.0, 2, 0)
+    publish_and_park(w, -1, 1, 5, 0.0, 2, 0)
+    publish_task(w, 0, 0, 1)
+    spin_until_at_least(w, 0, 0, 0, 2)
+    results_waiting(w, 0, 1, 0, np.zeros(1, np.int64))
+
+
+@njit(**_NOGIL)
+def publish_task(words, tail_index, tail, bell_index):  # type: ignore[no-untyped-def]
+    """Publish a pushed task (the ring tail), ring the worker's doorbell, wake it if it
+    sleeps: one call instead of three from Python."""
+    at.store(words, tail_index, tail)
+    at.add(words, bell_index, 1)
+    return at.notify(words, bell_index, 1)
+
+
+@njit(**_NOGIL)
+def results_waiting(words, first_rec, rec_words, tail_offset, heads):  # type: ignore[no-untyped-def]
+    """True if any worker's result tail is past the head the parent consumed
+    (``heads[w]``); one compiled scan over every worker record."""
+    for w in range(heads.shape[0]):
+        if at.load(words, first_rec + w * rec_words + tail_offset) != heads[w]:
+            return True
+    return False
+
+
+@njit(**_NOGIL)
+def spin_until_at_least(words, index, target, spin_ns, gil_index):  # type: ignore[no-untyped-def]
+    """Spin while ``words[index] < target``, for at most ``spin_ns``; True if reached.
+    Bumps ``words[gil_index]`` first: this thread has released the GIL."""
+    at.add(words, gil_index, 1)
+    ts = np.empty(2, np.int64)
+    if at.load(words, index) >= target:
+        return True
+    if spin_ns <= 0:
+        return False
+    stop = _now_ns(ts) + spin_ns
+    k = 0
+    while True:
+        N.cpu_relax()
+        if at.load(words, index) >= target:
+            return True
+        k += 1
+        if (k & 63) == 0 and _now_ns(ts) >= stop:
+            return False

@@ -1,0 +1,667 @@
+"""What both backends share: the Executor API, the task record, lifecycle, stats.
+
+A backend (``thread.py``, ``process.py``) supplies how tasks reach workers and how
+results come back; everything a caller sees is decided here, once:
+
+* ``submit``/``map``/``run``/``options`` build a :class:`_Task` and hand it to the
+  backend's ``_enqueue``; ``map`` with ``chunksize > 1`` batches calls like the stdlib.
+* Results, errors, crashes and timeouts all end in :meth:`Pool._finish` /
+  :meth:`Pool._crashed`, which apply ``retries``, count, and resolve the future.
+* One lock (``self._lock``) guards the queue, the worker table and the lifecycle; user
+  code (future callbacks, unpickling results) never runs while it is held.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import itertools
+import logging
+import os
+import signal
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import Executor, Future
+from dataclasses import dataclass
+from typing import Any, ClassVar, TypeVar
+
+from ..errors import ArgumentError, ArgumentTypeError
+from .sizing import resolve_max_workers
+
+T = TypeVar("T")
+log = logging.getLogger("shmcompute.pool")
+
+# Lifecycle, changed only under Pool._lock by Pool._set_state.
+RUNNING = "running"  # accepting tasks
+DRAINING = "draining"  # shutdown() called: no new tasks; queued and running ones finish
+CLOSED = "closed"  # workers gone, resources released
+
+_BACKLOG_DEFAULT = 5.0
+
+
+def _describe(fn: Any) -> str:
+    if isinstance(fn, _Partial):
+        return repr(fn)
+    mod = getattr(fn, "__module__", None)
+    name = getattr(fn, "__qualname__", None) or getattr(fn, "__name__", None) or repr(fn)
+    return f"{mod}.{name}" if mod else str(name)
+
+
+class _Task:
+    """One submitted call; lives from submit until its future resolves."""
+
+    __slots__ = (
+        "args",
+        "fn",
+        "future",
+        "kwargs",
+        "payload",
+        "resolved",
+        "retries",
+        "seq",
+        "spill",
+        "started_ns",
+        "submitted_ns",
+        "target",
+        "timed_out",
+        "timeout",
+        "worker",
+    )
+
+    def __init__(
+        self,
+        seq: int,
+        fn: Callable[..., Any],
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        future: TaskFuture[Any],
+        timeout: float | None,
+        retries: int,
+    ) -> None:
+        self.seq = seq
+        self.fn = fn
+        self.args = args
+        self.kwargs = kwargs
+        self.future = future
+        self.timeout = timeout
+        self.retries = retries  # attempts left after a crash
+        self.submitted_ns = time.monotonic_ns()
+        self.started_ns = 0  # set when a worker is known to have started it
+        self.worker = -1  # worker slot it was dispatched to, -1 while queued
+        self.payload: bytes | None = None  # process backend: pickled (fn, args, kwargs)
+        self.spill: Any = None  # process backend: SharedArray holding a large payload
+        self.timed_out = False
+        self.target = 0  # thread backend: the worker's done-count that means "finished"
+        self.resolved = False  # set once, under the pool lock, by whoever resolves it
+
+    def describe(self) -> str:
+        return f"task #{self.seq} {_describe(self.fn)}"
+
+
+class TaskFuture(Future[T]):
+    """A ``concurrent.futures.Future`` whose ``result()`` first spins briefly without
+    the GIL, so a short task's result is picked up within microseconds."""
+
+    _pool: Pool | None = None
+    _task: _Task | None = None
+
+    def result(self, timeout: float | None = None) -> T:
+        pool, task = self._pool, self._task
+        if pool is not None and task is not None and not self.done():
+            pool._spin_for(task)
+        return super().result(timeout)
+
+    def exception(self, timeout: float | None = None) -> BaseException | None:
+        pool, task = self._pool, self._task
+        if pool is not None and task is not None and not self.done():
+            pool._spin_for(task)
+        return super().exception(timeout)
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerHealth:
+    """One worker, as seen now. Times in seconds; ``None`` where it does not apply."""
+
+    index: int
+    pid: int | None  # None for a thread worker
+    state: str  # "starting", "idle", "busy", "exiting"
+    tasks_done: int
+    errors: int
+    restarts: int  # how many workers this slot had before this one
+    task_age: float | None  # how long the current task has run
+    rss: int | None  # resident memory in bytes (process workers)
+    heartbeat_age: float | None  # since the worker's last heartbeat (process workers)
+    stalled: bool  # heartbeat older than the pool's stall_timeout
+
+
+@dataclass(frozen=True, slots=True)
+class PoolStats:
+    """A snapshot of the pool, read from counters without pausing any worker.
+
+    ``wait_*`` is submit-to-start and ``run_*`` start-to-finish, in seconds, over the
+    last 4,096 finished tasks (``nan`` before the first).
+    """
+
+    backend: str
+    state: str
+    total: int
+    idle: int
+    busy: int
+    queued: int
+    completed: int
+    failed: int
+    crashed: int
+    restarts: int
+    wait_p50: float
+    wait_p99: float
+    run_p50: float
+    run_p99: float
+    workers: tuple[WorkerHealth, ...]
+
+
+class _Latencies:
+    def __init__(self, size: int = 4096) -> None:
+        self.wait: collections.deque[float] = collections.deque(maxlen=size)
+        self.run: collections.deque[float] = collections.deque(maxlen=size)
+
+    def add(self, wait_s: float, run_s: float) -> None:
+        self.wait.append(wait_s)
+        self.run.append(run_s)
+
+    @staticmethod
+    def pct(values: collections.deque[float], q: float) -> float:
+        if not values:
+            return float("nan")
+        s = sorted(values)
+        return s[min(len(s) - 1, int(q * len(s)))]
+
+
+def _check_timeout(name: str, value: Any) -> float | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ArgumentTypeError(f"{name} must be seconds (a number) or None, got {value!r}")
+    if not value > 0:
+        raise ArgumentError(f"{name} must be > 0 seconds or None, got {value!r}")
+    return float(value)
+
+
+def _check_retries(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ArgumentTypeError(f"retries must be an int, got {type(value).__name__}")
+    if value < 0:
+        raise ArgumentError(f"retries must be >= 0, got {value}")
+    return value
+
+
+def _run_chunk(fn: Callable[..., T], chunk: list[tuple[Any, ...]]) -> list[T]:
+    return [fn(*args) for args in chunk]
+
+
+def _chunks(iterables: tuple[Iterable[Any], ...], size: int) -> Iterator[list[tuple[Any, ...]]]:
+    it = zip(*iterables, strict=False)
+    while chunk := list(itertools.islice(it, size)):
+        yield chunk
+
+
+def _chain(results: Iterator[list[T]]) -> Iterator[T]:
+    for part in results:
+        yield from part
+
+
+class Pool(Executor):
+    """A supervised worker pool; a drop-in ``concurrent.futures.Executor``.
+
+    ``Pool(max_workers, backend="process")`` runs tasks in worker processes started from
+    a forkserver with numpy and numba preloaded; ``backend="thread"`` in threads of this
+    process (for nogil kernels and other GIL-releasing code). Both take the stdlib
+    executors' keywords and raise the stdlib's exception types; see ``ProcessPool`` and
+    ``ThreadPool`` for the backend-specific options.
+
+    >>> with Pool(2) as pool:
+    ...     print(pool.submit(pow, 2, 10).result())
+    1024
+    """
+
+    backend: ClassVar[str] = ""
+    _backends: ClassVar[dict[str, type[Pool]]] = {}
+
+    def __init_subclass__(cls, **kw: Any) -> None:
+        super().__init_subclass__(**kw)
+        if cls.backend:
+            Pool._backends[cls.backend] = cls
+
+    def __new__(cls, *args: Any, backend: str | None = None, **kwargs: Any) -> Pool:
+        if cls is Pool:
+            name = "process" if backend is None else backend
+            if name not in Pool._backends:
+                raise ArgumentError(f"backend must be 'process' or 'thread', got {backend!r}")
+            cls = Pool._backends[name]
+        elif backend not in (None, cls.backend):
+            raise ArgumentError(
+                f"{cls.__name__} is the {cls.backend!r} backend; got backend={backend!r}"
+            )
+        return super().__new__(cls)
+
+    def _init_common(
+        self,
+        max_workers: int | None,
+        initializer: Callable[..., Any] | None,
+        initargs: tuple[Any, ...],
+        *,
+        task_timeout: float | None,
+        retries: int,
+        queue_warn_after: float | None,
+        on_queue_backlog: Callable[[PoolStats], Any] | None,
+    ) -> None:
+        self._max_workers = resolve_max_workers(max_workers)
+        if initializer is not None and not callable(initializer):
+            raise ArgumentTypeError(
+                f"initializer must be callable or None, got {type(initializer).__name__}"
+            )
+        if not isinstance(initargs, tuple):
+            raise ArgumentTypeError(f"initargs must be a tuple, got {type(initargs).__name__}")
+        if on_queue_backlog is not None and not callable(on_queue_backlog):
+            raise ArgumentTypeError("on_queue_backlog must be callable or None")
+        self._initializer = initializer
+        self._initargs = initargs
+        self._task_timeout = _check_timeout("task_timeout", task_timeout)
+        self._retries = _check_retries(retries)
+        self._queue_warn_after = _check_timeout("queue_warn_after", queue_warn_after)
+        self._on_queue_backlog = on_queue_backlog
+        self._backlog_reported_ns = 0
+
+        self._lock = threading.RLock()
+        self._state = RUNNING
+        self._seq = itertools.count()
+        self._queue: collections.deque[_Task] = collections.deque()  # not yet dispatched
+        self._outstanding = 0  # tasks submitted and not yet resolved
+        self._drained = threading.Condition(self._lock)  # notified when _outstanding == 0
+        self._completed = 0
+        self._failed = 0
+        self._crashes = 0
+        self._latencies = _Latencies()
+        self._sigterm_installed = False
+
+    # --- lifecycle (the only place _state changes) -----------------------------------
+    def _set_state(self, state: str) -> None:
+        # invariant: RUNNING -> DRAINING -> CLOSED, never backwards
+        order = (RUNNING, DRAINING, CLOSED)
+        assert order.index(state) >= order.index(self._state), (self._state, state)
+        self._state = state
+
+    # --- submitting -------------------------------------------------------------------
+    def submit(self, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> Future[T]:
+        """Schedule ``fn(*args, **kwargs)``; return its future.
+
+        Raises ``RuntimeError`` after ``shutdown()``. An argument that cannot be pickled
+        (process backend) fails the future, as with ``ProcessPoolExecutor``.
+        """
+        return self._submit(fn, args, kwargs, self._task_timeout, self._retries)
+
+    def options(self, *, timeout: float | None = None, retries: int | None = None) -> _Options:
+        """Per-task options: ``pool.options(timeout=5, retries=2).submit(fn, x)``.
+
+        ``timeout``: seconds a task may run; past it the task fails with
+        ``TaskTimeoutError`` (a ``TimeoutError``) and, on the process backend, its
+        worker is killed and replaced. ``retries``: how many times a task whose worker
+        crashed is run again before it fails with ``WorkerCrashedError``.
+        """
+        return _Options(
+            self,
+            _check_timeout("timeout", timeout) if timeout is not None else self._task_timeout,
+            _check_retries(retries) if retries is not None else self._retries,
+        )
+
+    def _submit(
+        self,
+        fn: Callable[..., T],
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        timeout: float | None,
+        retries: int,
+    ) -> Future[T]:
+        if not callable(fn):
+            raise ArgumentTypeError(f"fn must be callable, got {type(fn).__name__}")
+        if self._state != RUNNING:
+            raise RuntimeError("cannot schedule new futures after shutdown")
+        future: TaskFuture[T] = TaskFuture()
+        try:
+            prepared = self._prepare(fn, args, kwargs)
+        except _PrepareFailed as e:
+            # Like ProcessPoolExecutor: an argument that cannot be sent fails its future.
+            with self._lock:
+                self._failed += 1
+            future.set_exception(e.error)
+            return future
+        with self._lock:
+            if self._state != RUNNING:
+                self._unprepare(prepared)
+                raise RuntimeError("cannot schedule new futures after shutdown")
+            task = _Task(next(self._seq), fn, args, kwargs, future, timeout, retries)
+            future._pool = self
+            future._task = task
+            self._outstanding += 1
+            self._enqueue(task, prepared)
+        return future
+
+    def map(
+        self,
+        fn: Callable[..., T],
+        *iterables: Iterable[Any],
+        timeout: float | None = None,
+        chunksize: int = 1,
+    ) -> Iterator[T]:
+        """Like ``Executor.map``; ``chunksize > 1`` sends calls in batches (one task each),
+        which cuts per-task overhead for many small calls."""
+        if isinstance(chunksize, bool) or not isinstance(chunksize, int):
+            raise ArgumentTypeError(f"chunksize must be an int, got {type(chunksize).__name__}")
+        if chunksize < 1:
+            raise ArgumentError(f"chunksize must be >= 1, got {chunksize}")
+        if chunksize == 1:
+            return super().map(fn, *iterables, timeout=timeout)
+        batches = super().map(_Partial(fn), _chunks(iterables, chunksize), timeout=timeout)
+        return _chain(batches)
+
+    async def run(self, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> T:
+        """``await pool.run(fn, *args)``: run on the pool without blocking the event loop.
+        Cancelling the awaiting task cancels the call if it has not started."""
+        return await asyncio.wrap_future(self.submit(fn, *args, **kwargs))
+
+    # --- results (called by backends, without the lock) --------------------------------
+    def _finish(
+        self,
+        task: _Task,
+        ok: bool,
+        value: Any,
+        wait_s: float | None = None,
+        run_s: float | None = None,
+    ) -> None:
+        """Resolve ``task`` with a result (``ok``) or an exception (``value``)."""
+        self._finish_many([(task, ok, value, wait_s, run_s)])
+
+    def _finish_many(
+        self, done: Sequence[tuple[_Task, bool, Any, float | None, float | None]]
+    ) -> None:
+        """Resolve tasks: ``(task, ok, value, wait_s, run_s)`` each; counters under one
+        lock acquisition, futures (and so user callbacks) outside it."""
+        with self._lock:
+            # A task is resolved once: a timeout and a late result can race for it.
+            done = [d for d in done if not d[0].resolved]
+            for d in done:
+                d[0].resolved = True
+            lat = self._latencies
+            for _, ok, _, wait_s, run_s in done:
+                if wait_s is not None and run_s is not None:
+                    lat.wait.append(wait_s)
+                    lat.run.append(run_s)
+                if ok:
+                    self._completed += 1
+                else:
+                    self._failed += 1
+            self._outstanding -= len(done)
+            if self._outstanding == 0:
+                self._drained.notify_all()
+                self._on_drained()
+        for task, ok, value, _, _ in done:
+            fut = task.future
+            if fut.done():  # already failed by a timeout, or cancelled
+                continue
+            try:
+                if ok:
+                    fut.set_result(value)
+                else:
+                    fut.set_exception(value)
+            except Exception:  # pragma: no cover - the future was resolved concurrently
+                pass
+
+    def _crashed(self, task: _Task, error: BaseException) -> bool:
+        """The worker running ``task`` died. Requeue it if it has retries left (returns
+        True), else fail it with ``error``."""
+        with self._lock:
+            self._crashes += 1
+            if task.retries > 0 and not task.timed_out and self._state != CLOSED:
+                task.retries -= 1
+                task.worker = -1
+                task.started_ns = 0
+                self._queue.appendleft(task)
+                return True
+        self._finish(task, False, error)
+        return False
+
+    # --- shutdown ---------------------------------------------------------------------
+    def shutdown(
+        self, wait: bool = True, *, cancel_futures: bool = False, timeout: float | None = None
+    ) -> None:
+        """Stop accepting tasks; finish the queued and running ones; release everything.
+
+        ``wait=False`` returns at once (the pool drains in the background).
+        ``cancel_futures=True`` cancels queued tasks first. ``timeout`` bounds the wait:
+        past it the workers are terminated (then killed), and unfinished tasks fail
+        with ``PoolTerminatedError``. Calling it again is harmless.
+        """
+        timeout = _check_timeout("timeout", timeout)
+        cancelled: list[_Task] = []
+        with self._lock:
+            if self._state == RUNNING:
+                self._set_state(DRAINING)
+            if cancel_futures:
+                while self._queue:
+                    cancelled.append(self._queue.popleft())
+        for task in cancelled:
+            if task.future.cancel():
+                with self._lock:
+                    self._drop_cancelled_locked(task)
+            else:  # pragma: no cover - queued futures are always PENDING
+                self._finish(task, False, RuntimeError("cancelled"))
+        self._begin_shutdown()
+        if wait:
+            self._join(timeout)
+
+    def __exit__(self, *exc: object) -> None:
+        self.shutdown(wait=True)
+
+    def drain_on_sigterm(self, timeout: float | None = None) -> None:
+        """Opt in: on SIGTERM, stop accepting tasks, drain (bounded by ``timeout``),
+        then let SIGTERM do what it did before (by default: end the process).
+
+        Call from the main thread. The handler itself only starts a drain thread, so it
+        never blocks the code it interrupted.
+        """
+        if threading.current_thread() is not threading.main_thread():
+            raise RuntimeError("drain_on_sigterm() must be called from the main thread")
+        timeout = _check_timeout("timeout", timeout)
+        previous = signal.getsignal(signal.SIGTERM)
+
+        def drain_then_exit() -> None:
+            try:
+                self.shutdown(wait=True, timeout=timeout)
+            finally:
+                signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
+                os.kill(os.getpid(), signal.SIGTERM)
+
+        def handler(signum: int, frame: Any) -> None:
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)  # one drain is enough
+            threading.Thread(target=drain_then_exit, name="shmcompute-sigterm-drain").start()
+
+        signal.signal(signal.SIGTERM, handler)
+        self._sigterm_installed = True
+
+    # --- introspection ------------------------------------------------------------------
+    @property
+    def max_workers(self) -> int:
+        return self._max_workers
+
+    @property
+    def stats(self) -> PoolStats:
+        """Live counters: total, idle, busy, queued, completed, failed, latencies and
+        per-worker health (see :class:`PoolStats`)."""
+        workers = self._health()
+        with self._lock:
+            lat = self._latencies
+            return PoolStats(
+                backend=self.backend,
+                state=self._state,
+                total=len(workers),
+                idle=sum(1 for w in workers if w.state == "idle"),
+                busy=sum(1 for w in workers if w.state == "busy"),
+                queued=self._queued_locked(),
+                completed=self._completed,
+                failed=self._failed,
+                crashed=self._crashes,
+                restarts=sum(w.restarts for w in workers),
+                wait_p50=lat.pct(lat.wait, 0.50),
+                wait_p99=lat.pct(lat.wait, 0.99),
+                run_p50=lat.pct(lat.run, 0.50),
+                run_p99=lat.pct(lat.run, 0.99),
+                workers=tuple(workers),
+            )
+
+    def _check_backlog(self, now_ns: int) -> float | None:
+        """Report a backlog if the oldest queued task waited longer than
+        ``queue_warn_after``; return seconds until the next check is due (None: none)."""
+        limit = self._queue_warn_after
+        if limit is None:
+            return None
+        with self._lock:
+            if not self._queue:
+                return None
+            waited = (now_ns - self._queue[0].submitted_ns) / 1e9
+            due = waited >= limit and now_ns - self._backlog_reported_ns >= limit * 1e9
+            if due:
+                self._backlog_reported_ns = now_ns
+        if not due:
+            return max(0.0, limit - waited) if waited < limit else limit
+        stats = self.stats
+        if self._on_queue_backlog is not None:
+            try:
+                self._on_queue_backlog(stats)
+            except Exception:
+                log.exception("on_queue_backlog callback raised")
+        else:
+            log.warning(
+                "shmcompute pool undersized: %d tasks queued, the oldest for %.1f s, with "
+                "%d of %d workers busy; raise max_workers or submit less at once",
+                stats.queued,
+                waited,
+                stats.busy,
+                stats.total,
+            )
+        return limit
+
+    def __repr__(self) -> str:
+        return (
+            f"<{type(self).__name__} backend={self.backend!r} state={self._state} "
+            f"max_workers={self._max_workers}>"
+        )
+
+    # --- backend hooks ------------------------------------------------------------------
+    def _prepare(
+        self, fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> Any:
+        """Turn a call into what the backend sends, before the lock is taken; raise
+        :class:`_PrepareFailed` to fail just this call's future."""
+        return None
+
+    def _unprepare(self, prepared: Any) -> None:
+        """Release what ``_prepare`` made, for a call that was not queued after all."""
+
+    def _enqueue(self, task: _Task, prepared: Any) -> None:  # called with the lock held
+        raise NotImplementedError
+
+    def _on_drained(self) -> None:
+        """No task is outstanding any more (called with the lock held)."""
+
+    def _release(self, task: _Task) -> None:
+        """Free what the backend holds for a task that will not run (lock held)."""
+
+    def _drop_cancelled_locked(self, task: _Task) -> None:
+        """Forget a task whose future was cancelled before it ran."""
+        if task.resolved:
+            return
+        task.resolved = True
+        self._release(task)
+        self._outstanding -= 1
+        if self._outstanding == 0:
+            self._drained.notify_all()
+            self._on_drained()
+
+    def _spin_for(self, task: _Task) -> None:
+        """Called by ``TaskFuture.result()`` before it blocks; may spin briefly."""
+
+    def _queued_locked(self) -> int:
+        return len(self._queue)
+
+    def _health(self) -> list[WorkerHealth]:
+        raise NotImplementedError
+
+    def _begin_shutdown(self) -> None:
+        raise NotImplementedError
+
+    def _join(self, timeout: float | None) -> None:
+        raise NotImplementedError
+
+    def restart(self, timeout: float | None = 60.0) -> None:
+        """Rolling restart: replace every worker, one at a time, each new one ready
+        before the old one retires; no task is lost or failed."""
+        raise NotImplementedError
+
+
+class _PrepareFailed(Exception):
+    def __init__(self, error: BaseException) -> None:
+        super().__init__(str(error))
+        self.error = error
+
+
+class _Partial:
+    """``functools.partial(_run_chunk, fn)`` that pickles by reference to this module."""
+
+    __slots__ = ("fn",)
+
+    def __init__(self, fn: Callable[..., Any]) -> None:
+        self.fn = fn
+
+    def __call__(self, chunk: list[tuple[Any, ...]]) -> list[Any]:
+        return _run_chunk(self.fn, chunk)
+
+    def __repr__(self) -> str:
+        return f"map({_describe(self.fn)})"
+
+
+class _Options:
+    """``pool.options(...)``: the same submit/map/run with per-task options."""
+
+    __slots__ = ("_pool", "_retries", "_timeout")
+
+    def __init__(self, pool: Pool, timeout: float | None, retries: int) -> None:
+        self._pool = pool
+        self._timeout = timeout
+        self._retries = retries
+
+    def submit(self, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> Future[T]:
+        return self._pool._submit(fn, args, kwargs, self._timeout, self._retries)
+
+    async def run(self, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> T:
+        return await asyncio.wrap_future(self.submit(fn, *args, **kwargs))
+
+    def map(
+        self, fn: Callable[..., T], *iterables: Iterable[Any], timeout: float | None = None
+    ) -> Iterator[T]:
+        futures = [self.submit(fn, *args) for args in zip(*iterables, strict=False)]
+        return _results_in_order(futures, timeout)
+
+
+def _results_in_order(futures: list[Future[T]], timeout: float | None) -> Iterator[T]:
+    end = None if timeout is None else time.monotonic() + timeout
+    try:
+        futures.reverse()
+        while futures:
+            f = futures.pop()
+            yield f.result(None if end is None else max(0.0, end - time.monotonic()))
+    finally:
+        for f in futures:
+            f.cancel()
+
+
+__all__ = ["Pool", "PoolStats", "TaskFuture", "WorkerHealth"]

@@ -1,0 +1,484 @@
+"""The pool's behaviour, written once and run on both backends (process and thread).
+
+Ordering comes from shared memory (an atomic counter a task bumps when it is running,
+an Event the test opens), never from sleeping. Every wait is bounded.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures as cf
+import logging
+import os
+import pickle
+import threading
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import numpy as np
+import pytest
+
+import shmcompute as shc
+from shmcompute.errors import ArgumentError, ArgumentTypeError, TaskTimeoutError
+from shmcompute.pool import Pool, PoolStats, ProcessPool, ThreadPool, pool_size
+from shmcompute.sync import Event
+from tests import _pool_tasks as T
+
+BACKENDS = ["process", "thread"]
+WAIT = 30.0  # bound on every wait in this file
+
+
+@pytest.fixture(params=BACKENDS)
+def backend(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
+@pytest.fixture
+def make_pool(backend: str) -> Iterator[Callable[..., Pool]]:
+    pools: list[Pool] = []
+
+    def make(max_workers: int = 2, **kw: Any) -> Pool:
+        pool = Pool(max_workers, backend=backend, **kw)
+        pools.append(pool)
+        return pool
+
+    yield make
+    for p in pools:
+        p.shutdown(wait=True, cancel_futures=True, timeout=WAIT)
+
+
+@pytest.fixture
+def counter() -> Iterator[shc.SharedArray]:
+    with shc.zeros(8, np.int64) as c:
+        yield c
+
+
+def wait_count(c: shc.SharedArray, n: int, index: int = 0) -> None:
+    """Block (bounded) until counter[index] >= n: tasks announced they are running."""
+    deadline = time.monotonic() + WAIT
+    while True:
+        v = int(shc.atomics.load(c.array, index))
+        if v >= n:
+            return
+        if time.monotonic() > deadline:
+            raise AssertionError(f"counter stayed at {v}, expected {n}")
+        shc.atomics.wait(c.array, index, v, 0.5)
+
+
+def bump(c: shc.SharedArray, index: int = 0) -> None:
+    shc.atomics.add(c.array, index, 1)
+    shc.atomics.notify(c.array, index)
+
+
+# --- the Executor contract --------------------------------------------------------------
+def test_submit_result_args_kwargs(make_pool: Callable[..., Pool]) -> None:
+    pool = make_pool()
+    assert isinstance(pool, cf.Executor)
+    assert pool.submit(T.square, 7).result(WAIT) == 49
+    assert pool.submit(T.add, 1, 2, c=3).result(WAIT) == 6
+    futures = [pool.submit(T.square, i) for i in range(200)]
+    assert [f.result(WAIT) for f in futures] == [i * i for i in range(200)]
+
+
+def test_backend_classes_are_drop_ins(backend: str) -> None:
+    cls = ProcessPool if backend == "process" else ThreadPool
+    with cls(2) as pool:  # positional max_workers, like the stdlib
+        assert isinstance(pool, Pool) and pool.backend == backend
+        assert pool.submit(T.square, 3).result(WAIT) == 9
+        assert pool.max_workers == 2
+
+
+def test_exception_propagates_with_type_and_traceback(make_pool: Callable[..., Pool]) -> None:
+    pool = make_pool()
+    with pytest.raises(ValueError, match="boom"):
+        pool.submit(T.raise_value, "boom").result(WAIT)
+    err = pool.submit(T.raise_custom, 7).exception(WAIT)
+    assert isinstance(err, T.CustomError) and err.code == 7
+    if pool.backend == "process":  # the worker's traceback rides along as the cause
+        assert "raise_custom" in str(err.__cause__)
+    assert pool.submit(T.square, 2).result(WAIT) == 4  # still usable
+
+
+@pytest.mark.parametrize("chunksize", [1, 3, 100])
+def test_map_in_order_with_chunks(make_pool: Callable[..., Pool], chunksize: int) -> None:
+    pool = make_pool()
+    assert list(pool.map(T.square, range(50), chunksize=chunksize, timeout=WAIT)) == [
+        i * i for i in range(50)
+    ]
+    assert list(pool.map(T.add, [1, 2], [10, 20], chunksize=chunksize)) == [11, 22]
+    assert list(pool.map(T.square, [], chunksize=chunksize)) == []
+
+
+def test_map_raises_the_first_error_in_order(make_pool: Callable[..., Pool]) -> None:
+    pool = make_pool()
+    it = pool.map(T.ident, [1, 2], timeout=WAIT)
+    assert list(it) == [1, 2]
+    with pytest.raises(ValueError, match="x"):
+        list(pool.map(T.raise_value, ["x", "y"], chunksize=2))
+
+
+def test_map_timeout(make_pool: Callable[..., Pool]) -> None:
+    pool = make_pool()
+    gate = Event()
+    try:
+        it = pool.map(T.block, [gate], timeout=0.2)
+        with pytest.raises(TimeoutError):
+            next(it)
+    finally:
+        gate.set()
+        gate.close()
+
+
+def test_stdlib_helpers_work_with_our_futures(make_pool: Callable[..., Pool]) -> None:
+    pool = make_pool()
+    futures = [pool.submit(T.square, i) for i in range(20)]
+    done, not_done = cf.wait(futures, timeout=WAIT)
+    assert len(done) == 20 and not not_done
+    assert sorted(f.result() for f in cf.as_completed(futures, timeout=WAIT)) == sorted(
+        i * i for i in range(20)
+    )
+    seen: list[int] = []
+    fut = pool.submit(T.square, 5)
+    fut.add_done_callback(lambda f: seen.append(f.result()))
+    fut.result(WAIT)
+    deadline = time.monotonic() + WAIT
+    while not seen and time.monotonic() < deadline:  # callbacks run right after resolve
+        time.sleep(0.001)
+    assert seen == [25]
+
+
+def test_callback_may_submit_more_work(make_pool: Callable[..., Pool]) -> None:
+    pool = make_pool()
+    chained: list[cf.Future[int]] = []
+    fut = pool.submit(T.square, 3)
+    fut.add_done_callback(lambda f: chained.append(pool.submit(T.square, f.result())))
+    fut.result(WAIT)
+    deadline = time.monotonic() + WAIT
+    while not chained and time.monotonic() < deadline:
+        time.sleep(0.001)
+    assert chained[0].result(WAIT) == 81
+
+
+def test_asyncio_run_and_run_in_executor(make_pool: Callable[..., Pool]) -> None:
+    pool = make_pool()
+
+    async def main() -> tuple[int, int, list[int]]:
+        loop = asyncio.get_running_loop()
+        a = await asyncio.wait_for(pool.run(T.square, 6), WAIT)
+        b = await asyncio.wait_for(loop.run_in_executor(pool, T.add, 1, 2), WAIT)
+        many = await asyncio.wait_for(
+            asyncio.gather(*(pool.run(T.square, i) for i in range(10))), WAIT
+        )
+        return a, b, many
+
+    assert asyncio.run(main()) == (36, 3, [i * i for i in range(10)])
+
+
+# --- shutdown -----------------------------------------------------------------------------
+def test_submit_after_shutdown_raises(make_pool: Callable[..., Pool]) -> None:
+    pool = make_pool()
+    pool.shutdown()
+    with pytest.raises(RuntimeError, match="after shutdown"):
+        pool.submit(T.square, 1)
+    pool.shutdown()  # idempotent
+    assert pool.stats.state == "closed"
+
+
+def test_shutdown_drains_running_and_queued(
+    make_pool: Callable[..., Pool], counter: shc.SharedArray
+) -> None:
+    pool = make_pool(2)
+    gate = Event()
+    try:
+        futures = [pool.submit(T.count_and_wait, counter, gate) for _ in range(6)]
+        wait_count(counter, 2)  # both workers busy, four queued
+        assert pool.stats.queued == 4
+        threading.Timer(0.05, gate.set).start()  # opens while shutdown waits
+        pool.shutdown(wait=True)
+        assert all(f.done() for f in futures)
+        assert sorted(f.result() for f in futures) == [1, 2, 3, 4, 5, 6]
+    finally:
+        gate.set()
+        gate.close()
+
+
+def test_shutdown_cancel_futures(make_pool: Callable[..., Pool], counter: shc.SharedArray) -> None:
+    pool = make_pool(1)
+    gate = Event()
+    try:
+        running = pool.submit(T.count_and_wait, counter, gate)
+        wait_count(counter, 1)
+        queued = [pool.submit(T.count, counter, 1) for _ in range(5)]
+        pool.shutdown(wait=False, cancel_futures=True)
+        assert all(f.cancelled() for f in queued)
+        gate.set()
+        assert running.result(WAIT) == 1
+        pool.shutdown(wait=True)
+        assert int(counter.array[1]) == 0  # no cancelled task ran
+    finally:
+        gate.set()
+        gate.close()
+
+
+def test_shutdown_without_wait_finishes_in_background(make_pool: Callable[..., Pool]) -> None:
+    pool = make_pool()
+    futures = [pool.submit(T.square, i) for i in range(50)]
+    pool.shutdown(wait=False)
+    assert [f.result(WAIT) for f in futures] == [i * i for i in range(50)]
+    pool.shutdown(wait=True)
+
+
+def test_cancel_a_queued_task(make_pool: Callable[..., Pool], counter: shc.SharedArray) -> None:
+    pool = make_pool(1)
+    gate = Event()
+    try:
+        first = pool.submit(T.count_and_wait, counter, gate)
+        wait_count(counter, 1)
+        queued = pool.submit(T.count, counter, 1)
+        assert queued.cancel() and queued.cancelled()
+        gate.set()
+        assert first.result(WAIT) == 1
+        assert pool.submit(T.square, 4).result(WAIT) == 16
+        assert int(counter.array[1]) == 0
+    finally:
+        gate.set()
+        gate.close()
+
+
+# --- per-task options -------------------------------------------------------------------
+def test_task_timeout_fails_the_task_and_pool_stays_usable(
+    make_pool: Callable[..., Pool], counter: shc.SharedArray
+) -> None:
+    pool = make_pool(2)
+    gate = Event()
+    try:
+        fut = pool.options(timeout=0.3).submit(T.count_and_wait, counter, gate)
+        with pytest.raises(TaskTimeoutError, match="timeout of 0.3 s") as info:
+            fut.result(WAIT)
+        assert isinstance(info.value, TimeoutError)
+        gate.set()
+        assert [pool.submit(T.square, i).result(WAIT) for i in range(4)] == [0, 1, 4, 9]
+        assert pool.options(timeout=WAIT).submit(T.square, 5).result(WAIT) == 25
+        assert pool.stats.failed == 1
+    finally:
+        gate.set()
+        gate.close()
+
+
+def test_options_validate(make_pool: Callable[..., Pool]) -> None:
+    pool = make_pool(1)
+    with pytest.raises(ArgumentError, match="timeout must be > 0"):
+        pool.options(timeout=0)
+    with pytest.raises(ArgumentTypeError, match="retries must be an int"):
+        pool.options(retries=1.5)  # type: ignore[arg-type]
+    with pytest.raises(ArgumentError, match="retries must be >= 0"):
+        pool.options(retries=-1)
+    with pytest.raises(ArgumentTypeError, match="fn must be callable"):
+        pool.submit(42)  # type: ignore[arg-type]
+
+
+# --- stats, health, monitoring -----------------------------------------------------------
+def test_stats_count_idle_busy_queued(
+    make_pool: Callable[..., Pool], counter: shc.SharedArray
+) -> None:
+    pool = make_pool(2)
+    s = pool.stats
+    assert isinstance(s, PoolStats) and s.total == 2 and s.queued == 0 and s.busy == 0
+    gate = Event()
+    try:
+        futures = [pool.submit(T.count_and_wait, counter, gate) for _ in range(5)]
+        wait_count(counter, 2)
+        s = pool.stats
+        assert (s.total, s.busy, s.idle, s.queued) == (2, 2, 0, 3)
+        assert all(w.task_age is not None and w.task_age >= 0 for w in s.workers)
+        gate.set()
+        for f in futures:
+            f.result(WAIT)
+        pool.submit(T.raise_value, "x").exception(WAIT)
+        s = pool.stats
+        assert s.completed == 5 and s.failed == 1 and s.queued == 0
+        assert 0 <= s.wait_p50 <= s.wait_p99 and 0 <= s.run_p50 <= s.run_p99
+        assert sum(w.tasks_done for w in s.workers) == 6
+        assert sum(w.errors for w in s.workers) == 1
+    finally:
+        gate.set()
+        gate.close()
+
+
+def test_queue_backlog_is_reported(
+    make_pool: Callable[..., Pool], counter: shc.SharedArray, caplog: pytest.LogCaptureFixture
+) -> None:
+    reports: list[PoolStats] = []
+    reported = threading.Event()
+
+    def on_backlog(stats: PoolStats) -> None:
+        reports.append(stats)
+        reported.set()
+
+    pool = make_pool(1, queue_warn_after=0.1, on_queue_backlog=on_backlog)
+    quiet = make_pool(1, queue_warn_after=0.1)  # default: a logging warning
+    gate = Event()
+    try:
+        for p in (pool, quiet):
+            p.submit(T.count_and_wait, counter, gate)
+            p.submit(T.square, 1)
+        wait_count(counter, 2)
+        with caplog.at_level(logging.WARNING, logger="shmcompute.pool"):
+            assert reported.wait(WAIT)
+            deadline = time.monotonic() + WAIT
+            while "undersized" not in caplog.text and time.monotonic() < deadline:
+                time.sleep(0.01)
+        assert reports[0].queued >= 1 and reports[0].total == 1
+        assert "undersized" in caplog.text
+    finally:
+        gate.set()
+        gate.close()
+
+
+def test_health_per_worker(make_pool: Callable[..., Pool]) -> None:
+    pool = make_pool(2)
+    for f in [pool.submit(T.square, i) for i in range(10)]:
+        f.result(WAIT)
+    workers = pool.stats.workers
+    assert len(workers) == 2 and {w.state for w in workers} <= {"idle", "busy", "starting"}
+    assert sum(w.tasks_done for w in workers) == 10
+    if pool.backend == "process":
+        assert all(w.pid and w.pid != os.getpid() for w in workers)
+        assert all(w.rss and w.rss > 1 << 20 for w in workers)
+        assert all(w.heartbeat_age is not None and w.heartbeat_age < 5 for w in workers)
+    else:
+        assert all(w.pid is None and w.rss is None for w in workers)
+
+
+# --- restart, initializer --------------------------------------------------------------------
+def test_rolling_restart_under_a_stream_loses_nothing(make_pool: Callable[..., Pool]) -> None:
+    pool = make_pool(2)
+    before = {w.index: w.pid for w in pool.stats.workers}
+    stop = threading.Event()
+    futures: list[cf.Future[int]] = []
+
+    def stream() -> None:
+        i = 0
+        while not stop.is_set() and i < 100_000:
+            futures.append(pool.submit(T.square, i))
+            i += 1
+            if i % 50 == 0:
+                futures[-1].result(WAIT)  # keep the queue short
+
+    t = threading.Thread(target=stream)
+    t.start()
+    try:
+        pool.restart(timeout=WAIT)
+        pool.restart(timeout=WAIT)
+    finally:
+        stop.set()
+        t.join(WAIT)
+    results = [f.result(WAIT) for f in futures]
+    assert results == [i * i for i in range(len(futures))]
+    assert pool.stats.failed == 0 and pool.stats.total == 2
+    if pool.backend == "process":
+        after = {w.pid for w in pool.stats.workers}
+        assert not after & set(before.values())  # every process was replaced
+    assert pool.stats.restarts >= 2
+
+
+def test_initializer_runs_in_every_worker(make_pool: Callable[..., Pool]) -> None:
+    pool = make_pool(2, initializer=T.init_set, initargs=("ready",))
+    assert {pool.submit(T.get_init_value).result(WAIT) for _ in range(10)} == {"ready"}
+
+
+def test_initializer_that_always_fails(make_pool: Callable[..., Pool]) -> None:
+    pool = make_pool(1, initializer=T.init_fail)
+    err = pool.submit(T.square, 2).exception(WAIT)
+    assert isinstance(err, shc.InitializerError)
+    assert isinstance(err, cf.BrokenExecutor)
+    assert "initializer failed on purpose" in repr(err.__cause__) + str(err.__cause__)
+    # No hang and no busy loop afterwards; shutdown is clean (fixture).
+
+
+def test_flaky_initializer_pool_recovers(
+    make_pool: Callable[..., Pool], counter: shc.SharedArray
+) -> None:
+    pool = make_pool(1, initializer=T.init_fail_first, initargs=(counter, 2))
+    assert pool.submit(T.square, 3).result(WAIT) == 9
+    assert int(counter.array[0]) == 3  # two failed starts, then one good worker
+
+
+# --- argument checking, sizing --------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        ({"max_workers": 0}, ArgumentError, "max_workers must be >= 1, got 0"),
+        ({"max_workers": "2"}, ArgumentTypeError, "max_workers must be an int"),
+        ({"initializer": 5}, ArgumentTypeError, "initializer must be callable"),
+        ({"initargs": [1]}, ArgumentTypeError, "initargs must be a tuple"),
+        ({"task_timeout": -1}, ArgumentError, "task_timeout must be > 0"),
+        ({"retries": -2}, ArgumentError, "retries must be >= 0"),
+        ({"spin": 1.0}, ArgumentError, "spin must be seconds"),
+        ({"queue_warn_after": 0}, ArgumentError, "queue_warn_after must be > 0"),
+    ],
+)
+def test_constructor_errors_name_the_parameter(
+    backend: str, kwargs: dict[str, Any], error: type[Exception], match: str
+) -> None:
+    with pytest.raises(error, match=match):
+        Pool(backend=backend, **kwargs)
+
+
+def test_backend_specific_arguments() -> None:
+    with pytest.raises(ArgumentError, match="backend must be 'process' or 'thread'"):
+        Pool(2, backend="fiber")
+    with pytest.raises(ArgumentError, match="max_tasks_per_child applies to the process"):
+        Pool(2, backend="thread", max_tasks_per_child=3)
+    with pytest.raises(ArgumentError, match="max_tasks_per_child must be >= 1"):
+        Pool(2, backend="process", max_tasks_per_child=0)
+    with pytest.raises(ArgumentTypeError, match="mp_context must be a multiprocessing"):
+        Pool(2, backend="process", mp_context="fork")
+
+
+def test_pool_size_and_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("SHMCOMPUTE_WORKERS", raising=False)
+    cores = len(os.sched_getaffinity(0))
+    assert pool_size("cpu") == max(1, cores - 1)
+    assert pool_size("cpu", reserve=0) == cores
+    assert pool_size("mixed") == 2 * max(1, cores - 1)
+    assert pool_size("io") == 4 * max(1, cores - 1)
+    with pytest.raises(ArgumentError, match="kind must be one of"):
+        pool_size("gpu")
+    with pytest.raises(ArgumentError, match="reserve must be >= 0"):
+        pool_size("cpu", reserve=-1)
+    monkeypatch.setenv("SHMCOMPUTE_WORKERS", "3")
+    assert pool_size("io") == 3
+    with Pool(backend="thread") as pool:
+        assert pool.max_workers == 3 and pool.stats.total == 3
+    monkeypatch.setenv("SHMCOMPUTE_WORKERS", "many")
+    with pytest.raises(ArgumentError, match="SHMCOMPUTE_WORKERS='many' is not an integer"):
+        pool_size()
+    monkeypatch.setenv("SHMCOMPUTE_WORKERS", "0")
+    with pytest.raises(ArgumentError, match="must be >= 1"):
+        Pool(backend="thread")
+
+
+def test_shared_arrays_travel_as_handles(make_pool: Callable[..., Pool]) -> None:
+    pool = make_pool(2)
+    with shc.from_numpy(np.arange(1_000_000, dtype=np.int64)) as a:
+        # A SharedArray pickles as a ~150-byte handle: the worker maps it zero-copy.
+        assert len(pickle.dumps(a)) < 400
+        assert pool.submit(T.big_sum, a).result(WAIT) == int(a.array.sum())
+
+
+def test_large_arguments_and_results(make_pool: Callable[..., Pool]) -> None:
+    pool = make_pool(2)
+    big = np.arange(200_000, dtype=np.int64)  # 1.6 MB: more than a ring slot holds
+    assert pool.submit(T.big_sum, big).result(WAIT) == int(big.sum())
+    out = pool.submit(T.big_result, 300_000).result(WAIT)
+    assert np.array_equal(out, np.arange(300_000))
+
+
+def test_stats_state_lifecycle(make_pool: Callable[..., Pool]) -> None:
+    pool = make_pool(1)
+    assert pool.stats.state == "running"
+    assert "running" in repr(pool)
+    pool.shutdown()
+    assert pool.stats.state == "closed" and pool.stats.total == 0
