@@ -464,7 +464,8 @@ class Pool(Executor):
 
     def drain_on_sigterm(self, timeout: float | None = None) -> None:
         """Opt in: on SIGTERM, stop accepting tasks, drain (bounded by ``timeout``),
-        then let SIGTERM do what it did before (by default: end the process).
+        then let SIGTERM do what it did before (by default: end the process). A second
+        SIGTERM during the drain is not delayed.
 
         Call from the main thread. The handler itself only starts a drain thread, so it
         never blocks the code it interrupted.
@@ -478,11 +479,12 @@ class Pool(Executor):
             try:
                 self.shutdown(wait=True, timeout=timeout)
             finally:
-                signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
-                os.kill(os.getpid(), signal.SIGTERM)
+                os.kill(os.getpid(), signal.SIGTERM)  # now handled as before
 
         def handler(signum: int, frame: Any) -> None:
-            signal.signal(signal.SIGTERM, signal.SIG_IGN)  # one drain is enough
+            # Only the main thread may change handlers, so restore the old one here: a
+            # second SIGTERM during the drain acts at once (by default: ends the process).
+            signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
             threading.Thread(target=drain_then_exit, name="shmcompute-sigterm-drain").start()
 
         signal.signal(signal.SIGTERM, handler)

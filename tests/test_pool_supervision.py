@@ -1,0 +1,290 @@
+"""Supervision of process workers: the crash table, retries, timeouts, recycling,
+stalled heartbeats, parent death and SIGTERM draining.
+
+After every crash the same pool must still run tasks; only the crashed task fails.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import os
+import pickle
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures.process import BrokenProcessPool
+from typing import Any
+
+import numpy as np
+import psutil
+import pytest
+
+import shmcompute as shc
+from shmcompute.errors import TaskTimeoutError, WorkerCrashedError
+from shmcompute.pool import Pool
+from shmcompute.sync import Event
+from tests import _pool_tasks as T
+from tests.test_pool import WAIT, wait_count
+
+pytestmark = pytest.mark.crash
+
+
+@pytest.fixture
+def pool() -> Iterator[Pool]:
+    p = Pool(2, backend="process")
+    yield p
+    p.shutdown(wait=True, cancel_futures=True, timeout=WAIT)
+
+
+@pytest.fixture
+def counter() -> Iterator[shc.SharedArray]:
+    with shc.zeros(8, np.int64) as c:
+        yield c
+
+
+def _still_usable(pool: Pool) -> None:
+    assert [pool.submit(T.square, i).result(WAIT) for i in range(4)] == [0, 1, 4, 9]
+    assert pool.stats.total == pool.max_workers
+
+
+def _kill_busy_worker(pool: Pool, counter: shc.SharedArray, sig: int) -> Any:
+    gate = Event()
+    fut = pool.submit(T.count_and_wait, counter, gate)
+    wait_count(counter, 1)
+    (busy,) = [w for w in pool.stats.workers if w.state == "busy"]
+    assert busy.pid is not None
+    os.kill(busy.pid, sig)
+    try:
+        return fut.exception(WAIT), busy.pid
+    finally:
+        gate.set()
+        gate.close()
+
+
+# --- the crash table: what dies, and what the caller sees ------------------------------------
+CRASHES: list[tuple[str, Callable[..., Any], tuple[Any, ...], type[BaseException], str]] = [
+    ("segfault", T.segfault, (), WorkerCrashedError, "SIGSEGV"),
+    ("os._exit", T.exit_now, (3,), WorkerCrashedError, "exited with code 3"),
+    ("SIGKILL itself", T.kill_self, (), WorkerCrashedError, "SIGKILL"),
+    ("raises", T.raise_value, ("plain error",), ValueError, "plain error"),
+    ("unpicklable result", T.return_unpicklable, (), TypeError, "pickle"),
+]
+
+
+@pytest.mark.parametrize(
+    ("what", "fn", "args", "error", "match"), CRASHES, ids=[c[0] for c in CRASHES]
+)
+def test_crash_table(
+    pool: Pool,
+    what: str,
+    fn: Callable[..., Any],
+    args: tuple[Any, ...],
+    error: type[BaseException],
+    match: str,
+) -> None:
+    bystanders = [pool.submit(T.square, i) for i in range(10)]
+    err = pool.submit(fn, *args).exception(WAIT)
+    assert isinstance(err, error), repr(err)
+    assert match in str(err)
+    if isinstance(err, WorkerCrashedError):
+        # Code written for ProcessPoolExecutor catches BrokenProcessPool.
+        assert isinstance(err, BrokenProcessPool)
+        assert err.pid is not None and err.task is not None and fn.__name__ in err.task
+        assert pool.stats.crashed == 1
+        assert pickle.loads(pickle.dumps(err)).pid == err.pid
+    assert [f.result(WAIT) for f in bystanders] == [i * i for i in range(10)]
+    _still_usable(pool)
+
+
+def test_unpicklable_argument_fails_only_that_future(pool: Pool) -> None:
+    fut = pool.submit(T.ident, lambda: 1)
+    err = fut.exception(WAIT)
+    assert isinstance(err, (pickle.PicklingError, AttributeError, TypeError)), repr(err)
+    assert "while pickling the call" in "".join(getattr(err, "__notes__", []))
+    _still_usable(pool)
+
+
+def test_sigkill_from_outside_fails_only_the_running_task(
+    pool: Pool, counter: shc.SharedArray
+) -> None:
+    queued = [pool.submit(T.square, i) for i in range(20)]
+    err, pid = _kill_busy_worker(pool, counter, signal.SIGKILL)
+    assert isinstance(err, WorkerCrashedError) and err.pid == pid
+    assert err.exitcode == -signal.SIGKILL and "SIGKILL" in str(err)
+    assert [f.result(WAIT) for f in queued] == [i * i for i in range(20)]
+    assert pid not in {w.pid for w in pool.stats.workers}
+    _still_usable(pool)
+
+
+def test_retries_rerun_a_crashed_task(pool: Pool, counter: shc.SharedArray) -> None:
+    fut = pool.options(retries=1).submit(T.crash_first_time, counter, 42)
+    assert fut.result(WAIT) == 42
+    assert int(counter.array[0]) == 2  # ran twice: crashed once, then succeeded
+    assert pool.stats.crashed == 1 and pool.stats.failed == 0
+    counter.array[0] = 0
+    no_retry = pool.submit(T.crash_first_time, counter, 7)
+    assert isinstance(no_retry.exception(WAIT), WorkerCrashedError)
+
+
+def test_timeout_kills_and_replaces_the_worker(pool: Pool, counter: shc.SharedArray) -> None:
+    fut = pool.options(timeout=0.3).submit(T.spin_forever_holding_gil, counter)
+    wait_count(counter, 1)
+    (busy,) = [w for w in pool.stats.workers if w.state == "busy"]
+    err = fut.exception(WAIT)
+    assert isinstance(err, TaskTimeoutError) and isinstance(err, TimeoutError)
+    assert f"pid {busy.pid}" in str(err)
+    assert not psutil.pid_exists(busy.pid) or psutil.Process(busy.pid).status() == "zombie"
+    _still_usable(pool)
+
+
+def test_max_tasks_per_child_recycles_workers() -> None:
+    with Pool(2, backend="process", max_tasks_per_child=3) as pool:
+        pids = [pool.submit(T.pid).result(WAIT) for _ in range(12)]
+        assert len(set(pids)) >= 4  # 12 tasks, at most 3 per process
+        results = list(pool.map(T.square, range(40)))
+        assert results == [i * i for i in range(40)]
+        assert pool.stats.failed == 0 and pool.stats.restarts >= 4
+
+
+def test_stalled_heartbeat_is_reported_and_replaced(counter: shc.SharedArray) -> None:
+    with Pool(
+        1, backend="process", heartbeat_interval=0.05, stall_timeout=0.5, replace_stalled=True
+    ) as pool:
+        gate = Event()
+        fut = pool.submit(T.count_and_wait, counter, gate)
+        wait_count(counter, 1)
+        (w,) = pool.stats.workers
+        assert w.pid is not None and not w.stalled
+        os.kill(w.pid, signal.SIGSTOP)  # the whole process freezes: no heartbeat
+        try:
+            err = fut.exception(WAIT)
+        finally:
+            try:
+                os.kill(w.pid, signal.SIGCONT)
+            except ProcessLookupError:
+                pass
+            gate.set()
+            gate.close()
+        assert isinstance(err, WorkerCrashedError) and "heartbeat stalled" in str(err)
+        _still_usable(pool)
+
+
+def test_stall_is_only_reported_without_replace(counter: shc.SharedArray) -> None:
+    with Pool(1, backend="process", heartbeat_interval=0.05, stall_timeout=0.3) as pool:
+        pool.submit(T.square, 1).result(WAIT)
+        (w,) = pool.stats.workers
+        assert w.pid is not None
+        os.kill(w.pid, signal.SIGSTOP)
+        try:
+            deadline = time.monotonic() + WAIT
+            while not pool.stats.workers[0].stalled:
+                assert time.monotonic() < deadline, "stall never reported"
+                time.sleep(0.05)
+        finally:
+            os.kill(w.pid, signal.SIGCONT)
+        deadline = time.monotonic() + WAIT
+        while pool.stats.workers[0].stalled:  # beats again once resumed
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        assert pool.stats.workers[0].pid == w.pid
+        _still_usable(pool)
+
+
+def test_shutdown_timeout_terminates_stuck_workers(counter: shc.SharedArray) -> None:
+    pool = Pool(1, backend="process")
+    fut = pool.submit(T.spin_forever_holding_gil, counter)
+    queued = pool.submit(T.square, 2)
+    wait_count(counter, 1)
+    t0 = time.monotonic()
+    pool.shutdown(wait=True, timeout=0.5)
+    assert time.monotonic() - t0 < 10
+    assert isinstance(fut.exception(WAIT), shc.PoolTerminatedError)
+    assert isinstance(queued.exception(WAIT), (shc.PoolTerminatedError, cf.CancelledError))
+    assert pool.stats.state == "closed"
+
+
+# --- the parent dies, or is asked to stop ---------------------------------------------------
+_PARENT = textwrap.dedent(
+    """
+    import sys, time
+    from shmcompute.pool import Pool
+    from tests import _pool_tasks as T
+    pool = Pool(2, backend="process")
+    assert pool.submit(T.square, 3).result(30) == 9
+    print(" ".join(str(w.pid) for w in pool.stats.workers), flush=True)
+    time.sleep(60)  # the test kills us here
+    """
+)
+
+
+def test_workers_exit_within_a_second_of_parent_death() -> None:
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _PARENT], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        text=True, cwd=os.path.dirname(os.path.dirname(__file__)), start_new_session=True,
+    )
+    try:
+        assert proc.stdout is not None
+        line = proc.stdout.readline()
+        pids = [int(p) for p in line.split()]
+        assert len(pids) == 2, (line, proc.stderr.read() if proc.stderr else "")
+        workers = [psutil.Process(p) for p in pids]
+        proc.kill()
+        proc.wait(WAIT)
+        t0 = time.monotonic()
+        _, alive = psutil.wait_procs(workers, timeout=1.0)
+        running = [p for p in alive if _running(p)]  # a zombie has exited: not an orphan
+        assert not running, f"orphans after {time.monotonic() - t0:.2f} s: {running}"
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait(WAIT)
+        try:  # the dead parent's forkserver and tracker exit by themselves; be sure
+            os.killpg(proc.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+    # Its control block is reclaimed by its resource tracker (it owned the segment).
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline and _segments_of(proc.pid):
+        time.sleep(0.05)
+    assert not _segments_of(proc.pid)
+
+
+def _running(p: psutil.Process) -> bool:
+    try:
+        return p.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+def _segments_of(pid: int) -> list[str]:
+    return [n for n in os.listdir("/dev/shm") if n.startswith(f"shmc_{pid:x}_")]
+
+
+_DRAINING = textwrap.dedent(
+    """
+    import os, signal, sys
+    from shmcompute.pool import Pool
+    from tests import _pool_tasks as T
+    pool = Pool(2, backend="process")
+    pool.drain_on_sigterm(timeout=30)
+    futures = [pool.submit(T.sleep_for, 0.05) for _ in range(12)]
+    for i, f in enumerate(futures):
+        f.add_done_callback(lambda f, i=i: print("done", i, f.result(), flush=True))
+    os.kill(os.getpid(), signal.SIGTERM)
+    signal.pause()
+    """
+)
+
+
+def test_sigterm_drains_then_exits() -> None:
+    proc = subprocess.run(
+        [sys.executable, "-c", _DRAINING], capture_output=True, text=True, timeout=WAIT,
+        cwd=os.path.dirname(os.path.dirname(__file__)),
+    )
+    done = [line for line in proc.stdout.splitlines() if line.startswith("done")]
+    assert len(done) == 12, (proc.stdout, proc.stderr)
+    assert proc.returncode == -signal.SIGTERM, proc.stderr
+    assert "leaked" not in proc.stderr
