@@ -84,7 +84,9 @@ def count(counter: SharedArrayHandle | np.ndarray, index: int = 0) -> int:
         arr = counter.array
     else:
         arr = _attach(counter)
-    return int(at.add(arr, index, 1)) + 1
+    n = int(at.add(arr, index, 1)) + 1
+    at.notify(arr, index)  # the test may be waiting on it
+    return n
 
 
 def count_and_wait(counter: Any, gate: Event, timeout: float = 30.0) -> int:

@@ -254,7 +254,7 @@ def test_task_timeout_fails_the_task_and_pool_stays_usable(
     gate = Event()
     try:
         fut = pool.options(timeout=0.3).submit(T.count_and_wait, counter, gate)
-        with pytest.raises(TaskTimeoutError, match="timeout of 0.3 s") as info:
+        with pytest.raises(TaskTimeoutError, match=r"timeout of 0\.3 s") as info:
             fut.result(WAIT)
         assert isinstance(info.value, TimeoutError)
         gate.set()

@@ -222,8 +222,12 @@ _PARENT = textwrap.dedent(
 
 def test_workers_exit_within_a_second_of_parent_death() -> None:
     proc = subprocess.Popen(
-        [sys.executable, "-c", _PARENT], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-        text=True, cwd=os.path.dirname(os.path.dirname(__file__)), start_new_session=True,
+        [sys.executable, "-c", _PARENT],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=os.path.dirname(os.path.dirname(__file__)),
+        start_new_session=True,
     )
     try:
         assert proc.stdout is not None
@@ -281,7 +285,10 @@ _DRAINING = textwrap.dedent(
 
 def test_sigterm_drains_then_exits() -> None:
     proc = subprocess.run(
-        [sys.executable, "-c", _DRAINING], capture_output=True, text=True, timeout=WAIT,
+        [sys.executable, "-c", _DRAINING],
+        capture_output=True,
+        text=True,
+        timeout=WAIT,
         cwd=os.path.dirname(os.path.dirname(__file__)),
     )
     done = [line for line in proc.stdout.splitlines() if line.startswith("done")]

@@ -53,12 +53,8 @@ class Rings:
         n = len(payload)
         assert n <= L.SLOT_INLINE, "spill large payloads first"
         hw = off // 8
-        words = self.words
-        words[hw + L.SH_SEQ] = seq
-        words[hw + L.SH_FLAGS] = flags
-        words[hw + L.SH_NBYTES] = n
-        words[hw + L.SH_T_START] = t_start
-        words[hw + L.SH_T_END] = t_end
+        # SH_SEQ, SH_FLAGS, SH_NBYTES, SH_T_START, SH_T_END in one assignment
+        self.words[hw : hw + 5] = (seq, flags, n, t_start, t_end)
         self.raw[off + L.SLOT_HEAD : off + L.SLOT_HEAD + n] = payload
 
     def read(self, w: int, results: bool, index: int) -> tuple[int, int, int, int, memoryview]:
@@ -66,15 +62,8 @@ class Rings:
         slot is released by advancing the ring's head."""
         off = self._slot(w, results, index)
         hw = off // 8
-        words = self.words
-        n = int(words[hw + L.SH_NBYTES])
-        return (
-            int(words[hw + L.SH_SEQ]),
-            int(words[hw + L.SH_FLAGS]),
-            int(words[hw + L.SH_T_START]),
-            int(words[hw + L.SH_T_END]),
-            self.raw[off + L.SLOT_HEAD : off + L.SLOT_HEAD + n],
-        )
+        seq, flags, n, t_start, t_end = self.words[hw : hw + 5].tolist()
+        return seq, flags, t_start, t_end, self.raw[off + L.SLOT_HEAD : off + L.SLOT_HEAD + n]
 
 
 # --- payloads too large for a slot travel in their own segment ----------------------

@@ -74,6 +74,8 @@ def warm_up() -> None:
     publish_and_park(w, -1, 1, 5, 0.0, 2, 0)
     publish_task(w, 0, 0, 1)
     spin_until_at_least(w, 0, 0, 0, 2)
+    worker_begin(w, 0, 0, 0, 0, 1, 2, 3)
+    worker_end(w, 0, False, 0, 0, 0, 1, 2, 3, 0, 1, 2)
     results_waiting(w, 0, 1, 0, np.zeros(1, np.int64))
 
 
@@ -115,3 +117,43 @@ def spin_until_at_least(words, index, target, spin_ns, gil_index):  # type: igno
         k += 1
         if (k & 63) == 0 and _now_ns(ts) >= stop:
             return False
+
+
+# --- a process worker's per-task bookkeeping, one compiled call each side of the task ----
+@njit(**_NOGIL)
+def worker_begin(words, rec, seq, t0, state_i, started_i, current_i, busy):  # type: ignore[no-untyped-def]
+    at.store(words, rec + state_i, busy)
+    at.store(words, rec + started_i, t0)
+    at.store(words, rec + current_i, seq)  # last: "seq is running since t0"
+
+
+@njit(**_NOGIL)
+def worker_end(
+    words,
+    rec,
+    failed,
+    res_tail,
+    head,
+    done_i,
+    errors_i,
+    res_tail_i,
+    head_i,
+    current_i,
+    spinners_i,
+    result_seq_i,
+):  # type: ignore[no-untyped-def]
+    """Count the task, publish its result (already in the ring), and wake the parent's
+    collector unless a caller is spinning on the result tails."""
+    at.add(words, rec + done_i, 1)  # counters first: whoever sees the result sees them
+    if failed:
+        at.add(words, rec + errors_i, 1)
+    at.store(words, rec + res_tail_i, res_tail)
+    at.store(words, rec + head_i, head)
+    at.store(words, rec + current_i, -1)
+    # A caller spinning in result() sees the tail move; waking the collector thread too
+    # would only make it fight that caller for the GIL. The caller re-checks every ring
+    # after it stops spinning, so no result is stranded (the store above and the load
+    # below are seq_cst, as are the caller's decrement and its re-check).
+    if at.load(words, spinners_i) == 0:
+        at.add(words, result_seq_i, 1)
+        at.notify(words, result_seq_i)

@@ -23,6 +23,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Executor, Future
+from concurrent.futures import _base as _fb
 from dataclasses import dataclass
 from typing import Any, ClassVar, TypeVar
 
@@ -99,24 +100,68 @@ class _Task:
         return f"task #{self.seq} {_describe(self.fn)}"
 
 
+_FUTURE_FIELDS = {"_condition", "_state", "_result", "_exception", "_waiters", "_done_callbacks"}
+# Our futures set Future's fields themselves (see TaskFuture.__init__); if this Python's
+# Future has others, fall back to its own __init__.
+_LIGHT_INIT = set(vars(Future())) == _FUTURE_FIELDS
+
+
 class TaskFuture(Future[T]):
     """A ``concurrent.futures.Future`` whose ``result()`` first spins briefly without
-    the GIL, so a short task's result is picked up within microseconds."""
+    the GIL, so a short task's result is picked up within microseconds.
+
+    All futures of a pool share one condition variable instead of one each: a burst of
+    10,000 tasks otherwise leaves 20,000 more long-lived objects (a Condition and its
+    deque per future) for the garbage collector's full passes, which was most of the
+    parent's cost per task. ``result()`` and ``exception()`` re-check their own state
+    after every wake-up, so a notify meant for another future is harmless.
+    """
 
     _pool: Pool | None = None
     _task: _Task | None = None
 
-    def result(self, timeout: float | None = None) -> T:
+    def __init__(self, condition: threading.Condition | None = None) -> None:
+        if condition is None or not _LIGHT_INIT:
+            super().__init__()
+            if condition is not None:
+                self._condition = condition
+            return
+        self._condition = condition
+        self._state = _fb.PENDING
+        self._result = None
+        self._exception = None
+        self._waiters: list[Any] = []
+        self._done_callbacks: list[Callable[[Future[T]], object]] = []
+
+    def _wait_finished(self, timeout: float | None) -> None:
+        """Block until finished or cancelled (raises CancelledError, TimeoutError)."""
         pool, task = self._pool, self._task
-        if pool is not None and task is not None and not self.done():
+        if pool is not None and task is not None and self._state == _fb.RUNNING:
             pool._spin_for(task)
-        return super().result(timeout)
+        end = None if timeout is None else time.monotonic() + timeout
+        with self._condition:
+            while True:
+                if self._state in (_fb.CANCELLED, _fb.CANCELLED_AND_NOTIFIED):
+                    raise _fb.CancelledError()
+                if self._state == _fb.FINISHED:
+                    return
+                left = None if end is None else end - time.monotonic()
+                if left is not None and left <= 0:
+                    raise TimeoutError()
+                self._condition.wait(left)
+
+    def result(self, timeout: float | None = None) -> T:
+        try:
+            self._wait_finished(timeout)
+            if self._exception is not None:
+                raise self._exception
+            return self._result  # type: ignore[return-value]
+        finally:
+            self = None  # type: ignore[assignment]  # break a cycle with the traceback
 
     def exception(self, timeout: float | None = None) -> BaseException | None:
-        pool, task = self._pool, self._task
-        if pool is not None and task is not None and not self.done():
-            pool._spin_for(task)
-        return super().exception(timeout)
+        self._wait_finished(timeout)
+        return self._exception
 
 
 @dataclass(frozen=True, slots=True)
@@ -273,6 +318,7 @@ class Pool(Executor):
         self._backlog_reported_ns = 0
 
         self._lock = threading.RLock()
+        self._futures_cond = threading.Condition()  # shared by this pool's futures
         self._state = RUNNING
         self._seq = itertools.count()
         self._queue: collections.deque[_Task] = collections.deque()  # not yet dispatched
@@ -326,7 +372,7 @@ class Pool(Executor):
             raise ArgumentTypeError(f"fn must be callable, got {type(fn).__name__}")
         if self._state != RUNNING:
             raise RuntimeError("cannot schedule new futures after shutdown")
-        future: TaskFuture[T] = TaskFuture()
+        future: TaskFuture[T] = TaskFuture(self._futures_cond)
         try:
             prepared = self._prepare(fn, args, kwargs)
         except _PrepareFailed as e:

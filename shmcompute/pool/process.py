@@ -235,6 +235,7 @@ class ProcessPool(Pool):
         self._rings = Rings(self._words, self._nslots)
         self._owner = _identity()
         self._procs: dict[int, _Proc] = {}
+        self._dispatchable: list[_Proc] | None = None  # live, not retiring; None: rebuild
         self._heads = np.zeros(self._nslots, np.int64)  # results consumed, per slot
         self._free = list(range(self._nslots - 1, -1, -1))
         self._restarts = [0] * self._nslots
@@ -290,6 +291,7 @@ class ProcessPool(Pool):
             initargs=self._initargs,
             max_tasks=self._max_tasks,
             heartbeat_interval=self._heartbeat,
+            spin=self._spin_ns / 1e9,
         )
         process = self._ctx.Process(
             target=_worker_main, args=(spec,), name=f"shmcompute-worker-{slot}"
@@ -301,6 +303,7 @@ class ProcessPool(Pool):
             raise
         proc = _Proc(slot, process, self._restarts[slot])
         self._procs[slot] = proc
+        self._dispatchable = None
         self._wake_supervisor()
         return proc
 
@@ -349,12 +352,12 @@ class ProcessPool(Pool):
         timeout: float | None,
         retries: int,
     ) -> Any:
-        if not self._queue:
-            return super()._submit(fn, args, kwargs, timeout, retries)
         # A burst: every worker's ring is full. This thread collects results itself, so
         # rings refill at once, and while it does, workers skip waking the collector
         # thread: that thread would only take the GIL from us (it gets it every switch
         # interval, 5 ms) while the workers sit idle with their results uncollected.
+        if self._state != RUNNING:
+            raise RuntimeError("cannot schedule new futures after shutdown")
         words = self._words
         at.add(words, L.PC_SPINNERS, 1)
         try:
@@ -366,6 +369,11 @@ class ProcessPool(Pool):
         return fut
 
     def _enqueue(self, task: _Task, prepared: tuple[bytes, SharedArray | None]) -> None:
+        if not self._procs:
+            # Every worker failed to start and the pool gave up on the queued tasks:
+            # new work gets fresh workers.
+            for _ in range(self._max_workers):
+                self._start_worker_locked()
         task.payload, task.spill = prepared
         task.args = ()  # the payload holds them; do not keep large arguments alive twice
         task.kwargs = {}
@@ -384,7 +392,11 @@ class ProcessPool(Pool):
         queue = self._queue
         if not queue:
             return
-        procs = [p for p in self._procs.values() if not (p.retiring or p.reaped)]
+        procs = self._dispatchable
+        if procs is None:  # rebuilt only after the worker set changed
+            procs = self._dispatchable = [
+                p for p in self._procs.values() if not (p.retiring or p.reaped)
+            ]
         cap = self._cap
         # Tiny tasks: pack them onto a worker that is already awake (it spins between
         # tasks), so the others stay asleep and no push pays for a wake-up. Longer
@@ -452,7 +464,6 @@ class ProcessPool(Pool):
                 self._run_ewma += 0.1 * ((t1 - t0) / 1e9 - self._run_ewma)
         self._heads[p.slot] = p.res_head
         self._update_capacity()
-        at.store(self._words, rec + L.W_RES_HEAD, p.res_head)
 
     def _collect_all(self) -> bool:
         if not _spin.results_waiting(
@@ -628,9 +639,22 @@ class ProcessPool(Pool):
                 task.worker = -1
                 self._queue.appendleft(task)
             del self._procs[p.slot]
+            self._dispatchable = None
             self._restarts[p.slot] += 1
             self._free.append(p.slot)
-            init_failed = state == L.WS_INIT_FAILED or code == EXIT_INIT_FAILED
+            # A worker that dies before it is ready (its initializer raised, or the main
+            # module exits when a worker imports it) counts towards giving up: replacing
+            # it forever would only spin.
+            died_starting = state in (L.WS_EMPTY, L.WS_STARTING) and not p.retiring
+            if died_starting and p.init_error is None and code != EXIT_ORPHANED:
+                p.init_error = WorkerCrashedError(
+                    f"worker process {p.pid} {_exit_reason(code)} while starting, before it "
+                    "could run a task. If the main module is a script, guard its top-level "
+                    "code with `if __name__ == '__main__':` (workers import it)",
+                    pid=p.pid,
+                    exitcode=code,
+                )
+            init_failed = state == L.WS_INIT_FAILED or code == EXIT_INIT_FAILED or died_starting
             expected = p.retiring or (state == L.WS_EXITING and code == 0)
             if init_failed:
                 self._init_failures += 1
@@ -722,6 +746,7 @@ class ProcessPool(Pool):
             procs = list(self._procs.values())
             for p in procs:
                 p.retiring = True
+                self._dispatchable = None
         words = self._words
         for p in procs:
             rec = Rings.rec(p.slot)
@@ -771,7 +796,8 @@ class ProcessPool(Pool):
         os.close(self._wake_r)
         os.close(self._wake_w)
         del words
-        self._words = np.zeros(1, np.int64)  # late readers (stats) see a dead block
+        # Late readers (stats, a racing submit) see an all-zero block, not a dead mapping.
+        self._words = np.zeros(L.PC_HEADER_WORDS + self._nslots * L.W_WORDS, np.int64)
         self._rings = None  # type: ignore[assignment]
         self._ctrl.unlink()
         self._ctrl.close()
@@ -792,6 +818,7 @@ class ProcessPool(Pool):
             self._wait_ready(new, end)
             with self._lock:
                 p.retiring = True
+                self._dispatchable = None
                 # Its queued tasks stay: it drains its ring before it exits.
                 rec = Rings.rec(p.slot)
                 at.store(self._words, rec + L.W_STOP, 1)

@@ -29,9 +29,12 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
+
 from .. import _layout as L
 from .. import atomics as at
 from ..array import SharedArray, SharedArrayHandle, _start_time
+from . import _spin
 from ._ring import Rings, dump_exception, spill, unspill
 
 EXIT_ORPHANED = 70  # the owner died; the worker exited on its own
@@ -53,6 +56,7 @@ class WorkerSpec:
     initargs: tuple[Any, ...]
     max_tasks: int  # 0: unlimited
     heartbeat_interval: float
+    spin: float  # seconds an idle worker spins on its doorbell before sleeping
 
 
 def _watch_owner(spec: WorkerSpec, words: Any, rec: int) -> None:
@@ -81,10 +85,31 @@ def _watch_owner(spec: WorkerSpec, words: Any, rec: int) -> None:
                 os._exit(EXIT_ORPHANED)
 
 
+def _warm_up() -> None:
+    """Load every compiled function a worker calls from Numba's cache, once, at import.
+
+    The forkserver imports this module (preload), so each forked worker starts with them
+    ready: without it a new worker spends ~150 ms in Numba before its first task.
+    """
+    words = np.zeros(L.PC_HEADER_WORDS + L.W_WORDS, np.int64)
+    at.store(words, 0, 1)
+    at.load(words, 0)
+    at.add(words, 0, 1)
+    at.sub(words, 0, 1)
+    at.notify(words, 0)
+    at.wait(words, 0, -1, 0.0)
+    _spin.warm_up()
+
+
+_warm_up()
+
+
 def main(spec: WorkerSpec) -> None:
     """Entry point of a worker process (``multiprocessing.Process`` target)."""
     # Ctrl-C goes to the whole process group; the parent decides what happens to tasks.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # The worker spins on its ring itself before it parks (see _serve), so wait() need not.
+    at.set_spin(0)
     ctrl = SharedArray.attach(spec.handle)
     words = ctrl.array
     rings = Rings(words, spec.nslots)
@@ -118,6 +143,8 @@ def main(spec: WorkerSpec) -> None:
 
 
 def _serve(spec: WorkerSpec, words: Any, rings: Rings, w: int, rec: int) -> None:
+    begin, end = _spin.worker_begin, _spin.worker_end
+    spin_tail, spin_ns = _spin.spin_while_equal, int(spec.spin * 1e9)
     head = 0  # tasks finished (mirrors W_TASK_HEAD)
     res_tail = 0
     done = 0
@@ -129,15 +156,19 @@ def _serve(spec: WorkerSpec, words: Any, rings: Rings, w: int, rec: int) -> None
                 at.store(words, rec + L.W_STATE, L.WS_EXITING)
                 return
             at.store(words, rec + L.W_STATE, L.WS_IDLE)
+            # Spin on the ring's tail before parking, without entering the wait table: a
+            # task pushed within the budget then costs the parent no notify at all (with
+            # no waiter, notify is a fence and a load), and us no wake-up. Bounded:
+            # spinning collapses when cores are oversubscribed.
+            if spin_tail(words, rec + L.W_TASK_TAIL, tail, spin_ns) != tail:
+                continue
             # Parent death ends the process from the watcher thread, so this may sleep
             # until the doorbell rings; the timeout only bounds it as a matter of rule.
             at.wait(words, rec + L.W_DOORBELL, bell, 60.0)
             continue
-        at.store(words, rec + L.W_STATE, L.WS_BUSY)
         seq, flags, _, _, data = rings.read(w, False, head)
         t0 = time.monotonic_ns()
-        at.store(words, rec + L.W_STARTED_NS, t0)
-        at.store(words, rec + L.W_CURRENT, seq)
+        begin(words, rec, seq, t0, L.W_STATE, L.W_STARTED_NS, L.W_CURRENT, L.WS_BUSY)
         try:
             if flags & L.SF_SPILL:
                 data = memoryview(unspill(data))
@@ -155,18 +186,37 @@ def _serve(spec: WorkerSpec, words: Any, rings: Rings, w: int, rec: int) -> None
         except BaseException as e:
             out, rflags = dump_exception(e), L.SF_ERROR
         t1 = time.monotonic_ns()
-        # Counters first: whoever sees the result also sees it counted.
-        at.add(words, rec + L.W_DONE, 1)
-        if rflags:
-            at.add(words, rec + L.W_ERRORS, 1)
-        res_tail = _report(words, rings, w, rec, seq, rflags, out, t0, t1, res_tail)
+        out, rflags = _fit(out, rflags)
+        rings.write(w, True, res_tail, seq, rflags, out, t0, t1)
+        res_tail += 1
         head += 1
         done += 1
-        at.store(words, rec + L.W_TASK_HEAD, head)
-        at.store(words, rec + L.W_CURRENT, -1)
+        end(
+            words,
+            rec,
+            bool(rflags & L.SF_ERROR),
+            res_tail,
+            head,
+            L.W_DONE,
+            L.W_ERRORS,
+            L.W_RES_TAIL,
+            L.W_TASK_HEAD,
+            L.W_CURRENT,
+            L.PC_SPINNERS,
+            L.PC_RESULT_SEQ,
+        )
         if spec.max_tasks and done >= spec.max_tasks:
             at.store(words, rec + L.W_STATE, L.WS_EXITING)
             return
+
+
+def _fit(out: bytes, flags: int) -> tuple[bytes, int]:
+    """A payload too large for a ring slot moves to its own segment, owned by the
+    parent once it attaches the transfer handle."""
+    if len(out) <= L.SLOT_INLINE:
+        return out, flags
+    seg = spill(out)
+    return pickle.dumps(seg.transfer(), protocol=_PROTOCOL), flags | L.SF_SPILL
 
 
 def _report(
@@ -181,19 +231,12 @@ def _report(
     t1: int,
     res_tail: int = 0,
 ) -> int:
-    """Publish one result (or initializer report) and wake the parent; returns the new
-    result-ring tail."""
-    if len(out) > L.SLOT_INLINE:
-        seg = spill(out)
-        out = pickle.dumps(seg.transfer(), protocol=_PROTOCOL)  # the parent becomes owner
-        flags |= L.SF_SPILL
+    """Publish one message outside the task flow (the initializer's failure) and wake the
+    parent; returns the new result-ring tail."""
+    out, flags = _fit(out, flags)
     rings.write(w, True, res_tail, seq, flags, out, t0, t1)
     res_tail += 1
     at.store(words, rec + L.W_RES_TAIL, res_tail)
-    # A caller spinning in result() will see the tail move; waking the collector thread
-    # too would only make it fight that caller for the GIL. The caller re-checks every
-    # ring after it stops spinning, so a result it does not want is never stranded.
-    if at.load(words, L.PC_SPINNERS) == 0:
-        at.add(words, L.PC_RESULT_SEQ, 1)
-        at.notify(words, L.PC_RESULT_SEQ)
+    at.add(words, L.PC_RESULT_SEQ, 1)
+    at.notify(words, L.PC_RESULT_SEQ)
     return res_tail
