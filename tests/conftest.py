@@ -46,8 +46,14 @@ def _compiled_once():
     _helpers.warm_up()
     _spin.warm_up()
     mp.set_forkserver_preload(
-        ["numpy", "numba", "shmcompute.atomics", "shmcompute.pool.worker", "tests._helpers",
-         "tests._pool_tasks"]
+        [
+            "numpy",
+            "numba",
+            "shmcompute.atomics",
+            "shmcompute.pool.worker",
+            "tests._helpers",
+            "tests._pool_tasks",
+        ]
     )
 
 
