@@ -329,6 +329,21 @@ class Pool(Executor):
         self._crashes = 0
         self._latencies = _Latencies()
         self._sigterm_installed = False
+        self._close_callbacks: list[Callable[[], Any]] = []
+
+    def _on_close(self, callback: Callable[[], Any]) -> None:
+        """Run ``callback`` when the pool releases its resources (shutdown)."""
+        with self._lock:
+            self._close_callbacks.append(callback)
+
+    def _run_close_callbacks(self) -> None:
+        with self._lock:
+            callbacks, self._close_callbacks = self._close_callbacks, []
+        for cb in callbacks:
+            try:
+                cb()
+            except Exception:  # pragma: no cover - a release must not stop the others
+                log.exception("shmcompute pool: a close callback failed")
 
     # --- lifecycle (the only place _state changes) -----------------------------------
     def _set_state(self, state: str) -> None:
@@ -639,7 +654,7 @@ class Pool(Executor):
         """Called by ``TaskFuture.result()`` before it blocks; may spin briefly."""
 
     def _queued_locked(self) -> int:
-        return len(self._queue)
+        return sum(1 for t in self._queue if not t.future.cancelled())
 
     def _health(self) -> list[WorkerHealth]:
         raise NotImplementedError

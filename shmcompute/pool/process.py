@@ -684,11 +684,15 @@ class ProcessPool(Pool):
         if failed_queue:
             cause = self._last_init_error
             for task in failed_queue:
+                what = (
+                    f"the pool's initializer {_describe_fn(self._initializer)} failed"
+                    if self._initializer is not None
+                    else "worker processes died while starting"
+                )
                 err = InitializerError(
-                    f"the pool's initializer {_describe_fn(self._initializer)} failed in "
-                    f"{self._init_failures} workers in a row, so {task.describe()} could not"
-                    " run; the traceback of the last failure is attached. The pool tries "
-                    "again when new tasks arrive"
+                    f"{what} in {_INIT_FAILURES_BEFORE_GIVING_UP} workers in a row, so "
+                    f"{task.describe()} could not run; the last failure is attached. The "
+                    "pool tries again when new tasks arrive"
                 )
                 err.__cause__ = cause
                 self._finish(task, False, err)
@@ -793,6 +797,7 @@ class ProcessPool(Pool):
         self._collector.join(10.0)
         with self._lock:
             self._set_state(CLOSED)
+        self._run_close_callbacks()
         os.close(self._wake_r)
         os.close(self._wake_w)
         del words
@@ -890,7 +895,7 @@ class ProcessPool(Pool):
     def _queued_locked(self) -> int:
         # Tasks waiting in a worker's ring behind its current one count as queued.
         words = self._words
-        n = len(self._queue)
+        n = sum(1 for t in self._queue if not t.future.cancelled())
         for p in self._procs.values():
             if p.inflight and not p.reaped:
                 cur = at.load(words, Rings.rec(p.slot) + L.W_CURRENT)

@@ -373,6 +373,11 @@ class ThreadPool(Pool):
 
     def _stop_locked(self) -> None:
         self._set_state(CLOSED)
+        self._lock.release()
+        try:
+            self._run_close_callbacks()
+        finally:
+            self._lock.acquire()
         for wk in self._workers.values():
             wk.retiring = True
             i = wk.index * TW_WORDS + TW_BELL
