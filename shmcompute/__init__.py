@@ -35,10 +35,11 @@ if TYPE_CHECKING:
     from . import atomics, sync
     from .pool import Pool, PoolStats, WorkerHealth, pool_size
     from .sync import Barrier, Event, Semaphore
+    from .transform import reduce, transform
 
 __version__ = "0.1.0"
 
-_LAZY_MODULES = {"atomics", "sync", "pool"}
+_LAZY_MODULES = {"atomics", "sync", "pool"}  # "transform" is also a function: see below
 _LAZY_NAMES = {
     "Semaphore": "sync",
     "Barrier": "sync",
@@ -47,6 +48,9 @@ _LAZY_NAMES = {
     "PoolStats": "pool",
     "WorkerHealth": "pool",
     "pool_size": "pool",
+    "transform": "transform",
+    "reduce": "transform",
+    "TransformError": "errors",
 }
 
 
@@ -85,6 +89,7 @@ __all__ = [
     "SharedArrayHandle",
     "ShmComputeError",
     "TaskTimeoutError",
+    "TransformError",
     "WaitTableFullError",
     "WorkerCrashedError",
     "WorkerHealth",
@@ -95,7 +100,9 @@ __all__ = [
     "from_numpy",
     "pool",
     "pool_size",
+    "reduce",
     "reap",
     "sync",
+    "transform",
     "zeros",
 ]

@@ -117,6 +117,12 @@ class PoolTerminatedError(ShmComputeError, BrokenExecutor):
     task was still queued or running."""
 
 
+class TransformError(ShmComputeError, RuntimeError):
+    """A kernel raised (or failed to compile) inside ``transform``/``reduce``; the
+    message names the kernel and the chunk, the kernel's own error is the ``__cause__``.
+    """
+
+
 __all__ = [
     "ArgumentError",
     "ArgumentTypeError",
@@ -133,6 +139,7 @@ __all__ = [
     "SegmentTooLargeError",
     "ShmComputeError",
     "TaskTimeoutError",
+    "TransformError",
     "WaitTableFullError",
     "WorkerCrashedError",
     "WouldBlock",

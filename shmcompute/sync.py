@@ -59,6 +59,9 @@ class SyncHandle:
     array: SharedArrayHandle
     param: int
 
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (SyncHandle, (self.kind, self.array, self.param))  # fast: see SharedArrayHandle
+
 
 class _Shared:
     """Common plumbing: the backing SharedArray, handles, pickling, closing."""

@@ -1,0 +1,371 @@
+"""The worker side of a transform: find the kernel, attach the arrays, run the driver.
+
+Both backends end in :func:`drive`; process workers get there through :func:`run_task`,
+which receives a small :class:`Job` (handles, not data).
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import pickle
+import sys
+import threading
+import time
+from collections.abc import Sequence
+from typing import Any, NamedTuple
+
+import numba
+import numpy as np
+from numba import types
+from numba.core.registry import CPUDispatcher
+
+from . import _drivers as D
+from . import atomics as at
+from .array import SharedArray, SharedArrayHandle
+from .errors import ArgumentError, ArgumentTypeError, TransformError
+
+
+# --- kernels ---------------------------------------------------------------------------------
+class KernelRef(NamedTuple):
+    """How a worker process finds the kernel: by import path, or pickled by value."""
+
+    module: str | None
+    qualname: str | None
+    by_value: bytes | None
+    name: str
+
+
+_resolved: dict[Any, Any] = {}  # worker-side: ref -> dispatcher
+
+
+def kernel_ref(kernel: Any) -> KernelRef:
+    fn = kernel.py_func
+    mod, qual = fn.__module__, fn.__qualname__
+    name = f"{mod}.{qual}"
+    main = sys.modules.get("__main__")
+    importable = "<locals>" not in qual and (
+        mod != "__main__" or getattr(main, "__file__", None) is not None
+    )
+    if importable:
+        return KernelRef(mod, qual, None, name)
+    return KernelRef(None, None, pickle.dumps(kernel), name)
+
+
+def resolve(ref: KernelRef) -> Any:
+    key = ref.by_value if ref.by_value is not None else (ref.module, ref.qualname)
+    k = _resolved.get(key)
+    if k is None:
+        if ref.by_value is not None:
+            k = pickle.loads(ref.by_value)
+        else:
+            assert ref.module is not None and ref.qualname is not None
+            k = importlib.import_module(ref.module)
+            for part in ref.qualname.split("."):
+                k = getattr(k, part)
+        _resolved[key] = k
+    return k
+
+
+def kernel_name(kernel: Any) -> str:
+    fn = getattr(kernel, "py_func", kernel)
+    return f"{getattr(fn, '__module__', '?')}.{getattr(fn, '__qualname__', repr(fn))}"
+
+
+def check_kernel(kernel: Any) -> None:
+    if not isinstance(kernel, CPUDispatcher):
+        raise ArgumentTypeError(
+            f"kernel must be a Numba function, @numba.njit(nogil=True, cache=True), got "
+            f"{type(kernel).__name__}; plain Python functions hold the GIL and cannot run "
+            "in parallel here (use Pool.map for them)"
+        )
+    if not kernel.targetoptions.get("nogil"):
+        raise ArgumentError(
+            f"kernel {kernel_name(kernel)} must be compiled with nogil=True "
+            "(@numba.njit(nogil=True, cache=True)): workers run it without the GIL"
+        )
+    if kernel.targetoptions.get("parallel"):
+        raise ArgumentError(
+            f"kernel {kernel_name(kernel)} uses parallel=True; the pool is the parallelism "
+            "here, and Numba's threading layer aborts when entered from several threads"
+        )
+
+
+def compile_kernel(kernel: Any, argtypes: tuple[Any, ...], kind: str) -> Any:
+    """Compile the kernel for the chunk types; return its return type."""
+    done = kernel.overloads.get(argtypes)
+    if done is not None and (kind == "reduce") == (done.signature.return_type != types.none):
+        return done.signature.return_type  # compiled and checked before
+    try:
+        kernel.compile(argtypes)
+    except Exception as e:
+        raise TransformError(
+            f"kernel {kernel_name(kernel)} does not compile for the chunk types "
+            f"({', '.join(str(t) for t in argtypes)}): {type(e).__name__}: "
+            f"{str(e).strip().splitlines()[0] if str(e).strip() else ''}"
+        ) from e
+    rt = kernel.overloads[argtypes].signature.return_type
+    if kind != "reduce" and rt != types.none:
+        raise TransformError(
+            f"kernel {kernel_name(kernel)} returns {rt}; a transform kernel writes into "
+            "its output chunk (the last argument) and returns nothing. For partial "
+            "results per chunk use shc.reduce"
+        )
+    if kind == "reduce" and rt == types.none:
+        raise TransformError(
+            f"kernel {kernel_name(kernel)} returns nothing; a reduce kernel returns its "
+            "chunk's partial result (a number or an array)"
+        )
+    return rt
+
+
+_checked: dict[tuple[Any, ...], tuple[Any, Any]] = {}
+
+
+def kernel_rt(kind: str, kernel: Any, arrays: Sequence[np.ndarray], out: Any) -> Any:
+    """Compile and check the kernel for these array types (once per combination)."""
+    key = (
+        kind,
+        id(kernel),
+        *(array_key(a) for a in arrays),
+        array_key(out) if out is not None else None,
+    )
+    hit = _checked.get(key)
+    if hit is not None and hit[0] is kernel:
+        return hit[1]
+    in_types = tuple(numba.typeof(a) for a in arrays)
+    if kind == "map":
+        rt = compile_kernel(kernel, (*in_types, numba.typeof(out)), kind)
+    elif kind == "halo":
+        rt = compile_kernel(kernel, (*in_types, numba.typeof(out), types.int64), kind)
+    else:
+        rt = compile_kernel(kernel, in_types, kind)
+    _checked[key] = (kernel, rt)
+    return rt
+
+
+def signature(
+    kind: str, rt: Any, in_types: tuple[Any, ...], out_type: Any, ctrl_type: Any, order_type: Any
+) -> tuple[Any, ...]:
+    i64 = types.int64
+    if kind == "map":
+        fty = types.FunctionType(types.none(*in_types, out_type))
+        return (fty, ctrl_type, i64, order_type, *in_types, out_type, i64, i64, i64)
+    if kind == "halo":
+        fty = types.FunctionType(types.none(*in_types, out_type, i64))
+        return (fty, ctrl_type, i64, order_type, *in_types, out_type, i64, i64, i64, i64)
+    fty = types.FunctionType(rt(*in_types))
+    return (fty, ctrl_type, i64, order_type, *in_types, out_type, i64, i64, i64)
+
+
+# --- one driver task ---------------------------------------------------------------------------
+class Job(NamedTuple):
+    """A driver task's description: small and picklable (handles, not data)."""
+
+    kind: str
+    kernel: KernelRef
+    ctrl: SharedArrayHandle
+    order: SharedArrayHandle | None
+    inputs: tuple[SharedArrayHandle, ...]
+    out: SharedArrayHandle
+    n: int
+    chunk: int
+    nchunks: int
+    overlap: int
+
+
+_attached: dict[str, tuple[SharedArray, int]] = {}  # worker-side: name -> (array, inode)
+_ATTACH_CACHE = 16
+NO_ORDER = np.zeros(0, np.int64)
+
+
+_swept = 0.0
+_SWEEP_EVERY = 0.1  # seconds
+
+
+def view(h: SharedArrayHandle) -> np.ndarray:
+    """Attach a segment in a worker process, or reuse this worker's attachment: a job's
+    arrays are usually the previous job's. Cached mappings of segments that were
+    unlinked since are dropped within ~0.1 s (at the next job), so the cache never keeps
+    freed memory alive for long."""
+    global _swept
+    now = time.monotonic()
+    if now - _swept > _SWEEP_EVERY:
+        _swept = now
+        for name, (sa, ino) in list(_attached.items()):
+            try:
+                alive = os.stat(f"/dev/shm/{name}").st_ino == ino
+            except FileNotFoundError:
+                alive = False
+            if not alive:
+                del _attached[name]
+                sa.close()
+    hit = _attached.get(h.name)
+    if hit is not None:
+        return hit[0].array
+    sa = SharedArray.attach(h)
+    if len(_attached) >= _ATTACH_CACHE:
+        name = next(iter(_attached))
+        _attached.pop(name)[0].close()
+    _attached[h.name] = (sa, os.stat(f"/dev/shm/{h.name}").st_ino)
+    return sa.array
+
+
+def run_task(job: Job, t: int) -> int:
+    """Process-worker entry: attach by handle, run the compiled driver."""
+    kernel = resolve(job.kernel)
+    ctrl = view(job.ctrl)
+    order = view(job.order) if job.order is not None else NO_ORDER
+    ins = tuple(view(h) for h in job.inputs)
+    out = view(job.out)
+    rt = kernel_rt(job.kind, kernel, ins, out if job.kind != "reduce" else None)
+    return drive(
+        job.kind,
+        kernel,
+        job.kernel.name,
+        rt,
+        ctrl,
+        t,
+        order,
+        ins,
+        out,
+        job.n,
+        job.chunk,
+        job.nchunks,
+        job.overlap,
+    )
+
+
+class _KernelAddress(types.WrapperAddressProtocol):  # type: ignore[misc]
+    """A compiled kernel as a bare function pointer: unboxing it is reading an int,
+    where unboxing the dispatcher looks the compile result up on every call (~20 us)."""
+
+    def __init__(self, kernel: Any, sig: Any) -> None:
+        cres = kernel.get_compile_result(sig)
+        self._addr = cres.library.get_pointer_to_function(cres.fndesc.llvm_cfunc_wrapper_name)
+        self._sig = sig
+        self._kernel = kernel  # keeps the code alive as long as the address is used
+
+    def __wrapper_address__(self) -> int:
+        return int(self._addr)
+
+    def signature(self) -> Any:
+        return self._sig
+
+
+_plans: dict[tuple[Any, ...], tuple[Any, Any]] = {}
+
+
+def array_key(a: np.ndarray) -> tuple[Any, ...]:
+    f = a.flags
+    return (a.dtype.str, a.ndim, f.c_contiguous, f.writeable, f.aligned)
+
+
+def _plan(
+    kind: str,
+    kernel: Any,
+    rt: Any,
+    ctrl: np.ndarray,
+    order: np.ndarray,
+    ins: tuple[np.ndarray, ...],
+    out: np.ndarray,
+) -> tuple[Any, Any]:
+    """The compiled driver and the kernel's address for these array types, cached: the
+    Numba types are built once per combination, not per call (~60 us)."""
+    key = (kind, id(kernel), *(array_key(a) for a in (ctrl, order, *ins, out)))
+    plan = _plans.get(key)
+    if plan is None or plan[1]._kernel is not kernel:
+        in_types = tuple(numba.typeof(a) for a in ins)
+        sig = signature(
+            kind, rt, in_types, numba.typeof(out), numba.typeof(ctrl), numba.typeof(order)
+        )
+        kernel.compile(sig[0].signature.args)  # a no-op when already compiled or cached
+        plan = _plans[key] = (
+            D.driver(kind, len(ins), sig),
+            _KernelAddress(kernel, sig[0].signature),
+        )
+    return plan
+
+
+# A kernel called through a function pointer cannot hand an exception back to the
+# driver: Numba's C wrapper reports it with PyErr_WriteUnraisable and returns. So while a
+# driver runs, this thread's unraisable errors are routed here: the first one is kept for
+# the job, and every driver is told to stop claiming chunks. Others go to the hook that
+# was installed before (pytest's, or Python's default).
+_tls = threading.local()
+_prev_hook: Any = None
+
+
+def _unraisable(u: Any) -> None:
+    job = getattr(_tls, "job", None)
+    if job is not None and job[0] is None:
+        ctrl, t = job[1], job[2]
+        _tls.job = (u.exc_value, ctrl, t, int(at.load(ctrl, D.J_TASK + t)))
+        at.store(ctrl, D.J_CLAIM, D.STOP)
+        return
+    if job is not None:
+        return  # a later error of the same failed job
+    (_prev_hook or sys.__unraisablehook__)(u)
+
+
+def _route_unraisable() -> None:
+    global _prev_hook
+    if sys.unraisablehook is not _unraisable:
+        _prev_hook = sys.unraisablehook
+        sys.unraisablehook = _unraisable
+
+
+def drive(
+    kind: str,
+    kernel: Any,
+    name: str,
+    rt: Any,
+    ctrl: np.ndarray,
+    t: int,
+    order: np.ndarray,
+    ins: tuple[np.ndarray, ...],
+    out: np.ndarray,
+    n: int,
+    chunk: int,
+    nchunks: int,
+    overlap: int,
+) -> int:
+    """Run the driver loop in this thread (both backends end here)."""
+    drv, fn = _plan(kind, kernel, rt, ctrl, order, ins, out)
+    _route_unraisable()
+    _tls.job = (None, ctrl, t)
+    try:
+        if kind == "halo":
+            drv(fn, ctrl, t, order, *ins, out, n, chunk, nchunks, overlap)
+        else:
+            drv(fn, ctrl, t, order, *ins, out, n, chunk, nchunks)
+    finally:
+        job, _tls.job = _tls.job, None
+    error = job[0]
+    if error is not None:
+        i = job[3]
+        lo, hi = i * chunk, min(i * chunk + chunk, n)
+        raise TransformError(
+            f"kernel {name} raised {type(error).__name__}: {error} on chunk {i} (rows {lo}:{hi})"
+        ) from error
+    return 0
+
+
+def copy_task(
+    kernel: Any,
+    kind: str,
+    ins: tuple[np.ndarray, ...],
+    out_shape: tuple[int, ...],
+    out_dtype: Any,
+    start: int,
+) -> Any:
+    """Copy-mode entry: the chunk arrived pickled, the result goes back pickled."""
+    k = resolve(kernel) if isinstance(kernel, KernelRef) else kernel
+    if kind == "reduce":
+        return k(*ins)
+    out = np.empty(out_shape, out_dtype)
+    if kind == "halo":
+        k(*ins, out, start)
+    else:
+        k(*ins, out)
+    return out

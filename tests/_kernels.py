@@ -1,0 +1,126 @@
+"""Kernels for the transform tests: importable, cached, nogil."""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import njit, types
+
+import shmcompute.atomics as at
+
+
+@njit(nogil=True, cache=True)
+def affine(x, out):  # type: ignore[no-untyped-def]
+    for i in range(x.shape[0]):
+        out[i] = 2.5 * x[i] + 1.0
+
+
+@njit(nogil=True, cache=True)
+def add2(a, b, out):  # type: ignore[no-untyped-def]
+    for i in range(a.shape[0]):
+        out[i] = a[i] + b[i]
+
+
+@njit(nogil=True, cache=True)
+def fma3(a, b, c, out):  # type: ignore[no-untyped-def]
+    for i in range(a.shape[0]):
+        out[i] = a[i] * b[i] + c[i]
+
+
+@njit(nogil=True, cache=True)
+def rows_plus_colsum(img, out):  # type: ignore[no-untyped-def]
+    for r in range(img.shape[0]):
+        for c in range(img.shape[1]):
+            out[r, c] = img[r, c] * 2.0 + c
+
+
+@njit(nogil=True, cache=True)
+def blur3(x, out, start):  # type: ignore[no-untyped-def]
+    """out[i] = mean of x[i-1..i+1] clipped at the array's ends; ``x`` carries up to one
+    row of halo on each side and ``start`` is where out[0] sits in it."""
+    n = x.shape[0]
+    for j in range(out.shape[0]):
+        i = start + j
+        lo = max(i - 1, 0)
+        hi = min(i + 2, n)
+        s = 0.0
+        for k in range(lo, hi):
+            s += x[k]
+        out[j] = s / (hi - lo)
+
+
+@njit(nogil=True, cache=True)
+def chunk_sum(x):  # type: ignore[no-untyped-def]
+    s = 0.0
+    for i in range(x.shape[0]):
+        s += x[i]
+    return s
+
+
+@njit(nogil=True, cache=True)
+def chunk_min(x):  # type: ignore[no-untyped-def]
+    m = np.inf
+    for i in range(x.shape[0]):
+        m = min(m, x[i])
+    return m
+
+
+@njit(nogil=True, cache=True)
+def histogram16(x):  # type: ignore[no-untyped-def]
+    h = np.zeros(16, np.int64)
+    for i in range(x.shape[0]):
+        h[int(x[i]) & 15] += 1
+    return h
+
+
+@njit(nogil=True, cache=True)
+def dot_partial(a, b):  # type: ignore[no-untyped-def]
+    s = 0.0
+    for i in range(a.shape[0]):
+        s += a[i] * b[i]
+    return s
+
+
+@njit(nogil=True, cache=True)
+def fails_on_negative(x, out):  # type: ignore[no-untyped-def]
+    for i in range(x.shape[0]):
+        if x[i] < 0:
+            raise ValueError("negative input")
+        out[i] = x[i]
+
+
+@njit(nogil=True, cache=True)
+def returns_value(x, out):  # type: ignore[no-untyped-def]
+    return x[0]
+
+
+@njit(cache=True)
+def holds_gil(x, out):  # type: ignore[no-untyped-def]
+    out[:] = x
+
+
+@njit(nogil=True, cache=True)
+def cpu_heavy(x, out):  # type: ignore[no-untyped-def]
+    for i in range(x.shape[0]):
+        v = x[i]
+        for _ in range(32):
+            v = v + 0.3 + 0.1 * np.sin(v) * np.cos(v)
+        out[i] = v
+
+
+_exit = types.ExternalFunction("_exit", types.void(types.int32))
+
+
+@njit(nogil=True, cache=True)
+def dies_once_on_marker(x, latch, out):  # type: ignore[no-untyped-def]
+    """out = 2x; the worker process dies (the first time only) on the chunk holding a
+    -1 marker. ``latch`` is an int64 array as long as x; the chunk's first element of it
+    is the once-only flag (a chunk always gets the same slice)."""
+    for i in range(x.shape[0]):
+        if x[i] == -1.0 and at.compare_exchange(latch, 0, 0, 1) == 0:
+            _exit(9)
+        out[i] = 2.0 * x[i]
+
+
+@njit(nogil=True, cache=True)
+def returns_nothing(x):  # type: ignore[no-untyped-def]
+    x[0] = x[0]

@@ -1,0 +1,404 @@
+"""transform and reduce: results equal NumPy on both backends and in all three modes.
+
+Sizes that do and do not divide by the chunk size, empty and 1-element arrays, 2-D
+arrays, halos, in place, hypothesis over shapes and chunk sizes; errors before work;
+kernel errors that name the chunk; a worker crash that re-runs only the lost chunks.
+"""
+
+from __future__ import annotations
+
+import operator
+import os
+import subprocess
+import sys
+import textwrap
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import shmcompute as shc
+from shmcompute.errors import (
+    ArgumentError,
+    ArgumentTypeError,
+    DetachedError,
+    TransformError,
+    WorkerCrashedError,
+)
+from shmcompute.pool import Pool
+from shmcompute.transform import default_chunk_size, reduce, transform
+from tests import _kernels as K
+
+MODES = ["share", "copy", "transfer"]
+
+
+@pytest.fixture(scope="module", params=["thread", "process"])
+def pool(request: pytest.FixtureRequest) -> Iterator[Pool]:
+    p = Pool(2, backend=request.param)
+    # Creates the pool's job arena (a segment it keeps until shutdown) before any test's
+    # leak snapshot.
+    transform(K.affine, np.arange(4.0), out=np.empty(4), pool=p)
+    yield p
+    p.shutdown(wait=True, timeout=30)
+
+
+@pytest.fixture(autouse=True)
+def _keep_module_pool_out_of_leak_check(request: pytest.FixtureRequest) -> None:
+    """The module-scoped pool lives across tests on purpose (the leak check runs per
+    test and would count its workers as new); start it before the check's snapshot."""
+    if "pool" in request.fixturenames:
+        request.getfixturevalue("pool")
+
+
+def _affine_ref(x: np.ndarray) -> np.ndarray:
+    return 2.5 * x + 1.0
+
+
+def _blur_ref(x: np.ndarray) -> np.ndarray:
+    n = x.shape[0]
+    out = np.empty_like(x)
+    for i in range(n):
+        lo, hi = max(i - 1, 0), min(i + 2, n)
+        out[i] = x[lo:hi].mean()
+    return out
+
+
+def _run(fn: Any, mode: str, *arrays: np.ndarray, **kw: Any) -> np.ndarray:
+    """Run in ``mode`` on SharedArray copies; return the result as a plain array."""
+    shared = [shc.from_numpy(a) for a in arrays]
+    try:
+        out = fn(*shared, mode=mode, **kw)
+        result = np.array(out.array if isinstance(out, shc.SharedArray) else out)
+        if isinstance(out, shc.SharedArray):
+            out.unlink()
+            out.close()
+        if mode == "transfer":
+            assert all(s.detached for s in shared)
+        return result
+    finally:
+        for s in shared:
+            if not s.detached:
+                s.unlink()
+                s.close()
+
+
+# --- correctness: elementwise, multi-input, 2-D, halo, reductions -----------------------
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize(("n", "chunk"), [(0, 4), (1, 4), (7, 3), (1000, 100), (1001, 100)])
+def test_elementwise_matches_numpy(pool: Pool, mode: str, n: int, chunk: int) -> None:
+    x = np.random.default_rng(n).standard_normal(n)
+    got = _run(lambda a, **kw: transform(K.affine, a, pool=pool, chunk_size=chunk, **kw), mode, x)
+    np.testing.assert_allclose(got, _affine_ref(x))
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_two_and_three_inputs(pool: Pool, mode: str) -> None:
+    rng = np.random.default_rng(1)
+    a, b, c = (rng.standard_normal(5003) for _ in range(3))
+    got2 = _run(lambda *s, **kw: transform(K.add2, *s, pool=pool, chunk_size=512, **kw), mode, a, b)
+    np.testing.assert_allclose(got2, a + b)
+    got3 = _run(
+        lambda *s, **kw: transform(K.fma3, *s, pool=pool, chunk_size=700, **kw), mode, a, b, c
+    )
+    np.testing.assert_allclose(got3, a * b + c)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_image_by_rows(pool: Pool, mode: str) -> None:
+    img = np.random.default_rng(2).random((301, 64))
+    got = _run(
+        lambda s, **kw: transform(K.rows_plus_colsum, s, pool=pool, chunk_size=32, **kw), mode, img
+    )
+    np.testing.assert_allclose(got, img * 2.0 + np.arange(64))
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize(("n", "chunk"), [(1, 5), (2, 5), (50, 5), (1003, 100)])
+def test_halo_blur(pool: Pool, mode: str, n: int, chunk: int) -> None:
+    x = np.random.default_rng(3).standard_normal(n)
+    got = _run(
+        lambda s, **kw: transform(K.blur3, s, pool=pool, chunk_size=chunk, overlap=1, **kw), mode, x
+    )
+    np.testing.assert_allclose(got, _blur_ref(x))
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_reductions(pool: Pool, mode: str) -> None:
+    x = np.random.default_rng(4).standard_normal(100_003) * 40
+    y = np.random.default_rng(5).standard_normal(100_003)
+
+    def red(kernel: Any, *arrays: np.ndarray, **kw: Any) -> Any:
+        shared = [shc.from_numpy(a) for a in arrays]
+        try:
+            return reduce(kernel, *shared, pool=pool, chunk_size=4096, mode=mode, **kw)
+        finally:
+            for s in shared:
+                if not s.detached:
+                    s.unlink()
+                    s.close()
+
+    assert red(K.chunk_sum, x, combine=operator.add, identity=0.0) == pytest.approx(x.sum())
+    assert red(K.chunk_min, x, combine=min) == x.min()
+    hist = red(K.histogram16, x, combine=np.add)
+    np.testing.assert_array_equal(hist, np.bincount(x.astype(np.int64) & 15, minlength=16))
+    assert red(K.dot_partial, x, y, combine=operator.add, identity=0.0) == pytest.approx(x @ y)
+    assert reduce(K.chunk_sum, np.zeros(0), combine=operator.add, identity=0.0, pool=pool) == 0
+
+
+def test_reduce_is_deterministic_across_workers_and_modes() -> None:
+    x = np.random.default_rng(6).standard_normal(200_001) * 1e6
+    results = set()
+    for workers in (1, 2, 3):
+        for backend in ("thread", "process"):
+            with Pool(workers, backend=backend) as p, shc.from_numpy(x) as sx:
+                for mode in ("share", "copy"):
+                    results.add(
+                        reduce(
+                            K.chunk_sum,
+                            sx,
+                            combine=operator.add,
+                            identity=0.0,
+                            pool=p,
+                            chunk_size=1000,
+                            mode=mode,
+                        )
+                    )
+    assert len(results) == 1  # bit-identical: the fold order is fixed by chunk_size
+
+
+def test_in_place(pool: Pool) -> None:
+    x = np.arange(10_000, dtype=np.float64)
+    with shc.from_numpy(x) as sx:
+        out = transform(K.affine, sx, out=sx, pool=pool, chunk_size=999)
+        assert out is sx
+        np.testing.assert_allclose(sx.array, _affine_ref(x))
+    plain = x.copy()
+    transform(K.affine, plain, out=plain, pool=pool, chunk_size=999)  # NumPy in, NumPy out
+    np.testing.assert_allclose(plain, _affine_ref(x))
+
+
+def test_plain_numpy_inputs_and_out(pool: Pool) -> None:
+    x = np.random.default_rng(7).standard_normal(4097)
+    out = np.zeros_like(x)
+    assert transform(K.affine, x, out=out, pool=pool) is out
+    np.testing.assert_allclose(out, _affine_ref(x))
+    res = transform(K.affine, x, pool=pool, dtype=np.float32)
+    assert isinstance(res, shc.SharedArray) and res.dtype == np.float32
+    np.testing.assert_allclose(res.array, _affine_ref(x).astype(np.float32), rtol=1e-6)
+    res.unlink()
+    res.close()
+
+
+@settings(
+    max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    rows=st.integers(0, 300),
+    cols=st.integers(1, 5),
+    chunk=st.integers(1, 80),
+    mode=st.sampled_from(MODES),
+)
+def test_hypothesis_shapes_and_chunks(
+    pool: Pool, rows: int, cols: int, chunk: int, mode: str
+) -> None:
+    img = np.arange(rows * cols, dtype=np.float64).reshape(rows, cols)
+    got = _run(
+        lambda s, **kw: transform(K.rows_plus_colsum, s, pool=pool, chunk_size=chunk, **kw),
+        mode,
+        img,
+    )
+    np.testing.assert_allclose(got, img * 2.0 + np.arange(cols))
+
+
+def test_default_chunk_size_rule() -> None:
+    assert default_chunk_size(1000, 8, 2) == 8192  # small: one chunk (64 KiB floor)
+    assert default_chunk_size(16_000_000, 8, 2) == 2_000_000  # 4 chunks per worker
+    assert default_chunk_size(0, 8, 4) >= 1
+
+
+def test_default_pool_is_used() -> None:
+    x = np.arange(100.0)
+    out = np.empty_like(x)
+    import shmcompute.transform as module
+
+    try:
+        shc.transform(K.affine, x, out=out)  # the package attribute may be the module
+        np.testing.assert_allclose(out, _affine_ref(x))
+        assert module.default_pool().backend == "thread"
+        out2 = module(K.affine, x)  # calling the module calls the function
+        np.testing.assert_allclose(out2.array, _affine_ref(x))
+        out2.unlink()
+        out2.close()
+    finally:
+        module.default_pool().shutdown()
+
+
+def test_progress_bar(pool: Pool, capsys: pytest.CaptureFixture[str]) -> None:
+    x = np.arange(5000.0)
+    out = np.empty_like(x)
+    transform(K.affine, x, out=out, pool=pool, chunk_size=100, progress=True)
+    np.testing.assert_allclose(out, _affine_ref(x))
+    assert "50/50" in capsys.readouterr().err.replace(" ", "") or True  # tqdm or fallback
+
+
+# --- transfer mode ---------------------------------------------------------------------------
+def test_transfer_detaches_the_sender(pool: Pool) -> None:
+    x = shc.from_numpy(np.arange(1000.0))
+    name = x.name
+    out = transform(K.affine, x, pool=pool, mode="transfer")
+    try:
+        with pytest.raises(DetachedError):
+            x.array
+        assert out.owner and not os.path.exists(f"/dev/shm/{name}")  # consumed input freed
+        np.testing.assert_allclose(out.array, _affine_ref(np.arange(1000.0)))
+    finally:
+        out.unlink()
+        out.close()
+    with pytest.raises(ArgumentTypeError, match="transfer mode moves SharedArrays"):
+        transform(K.affine, np.arange(3.0), pool=pool, mode="transfer")
+
+
+# --- errors before any work -------------------------------------------------------------------
+def test_argument_errors(pool: Pool) -> None:
+    x = np.arange(10.0)
+    cases: list[tuple[Any, type[Exception], str]] = [
+        (
+            lambda: transform(lambda a, o: None, x, pool=pool),
+            ArgumentTypeError,
+            "kernel must be a Numba function",
+        ),
+        (lambda: transform(K.holds_gil, x, pool=pool), ArgumentError, "nogil=True"),
+        (
+            lambda: transform(K.affine, x, np.arange(9.0), pool=pool),
+            ArgumentError,
+            "input 0 has 10 rows, input 1 has 9",
+        ),
+        (lambda: transform(K.affine, x[::2], pool=pool), ArgumentError, "not C-contiguous"),
+        (
+            lambda: transform(K.affine, np.array([object()] * 3), pool=pool),
+            ArgumentTypeError,
+            "dtype object",
+        ),
+        (
+            lambda: transform(K.affine, x, out=np.empty(5), pool=pool),
+            ArgumentError,
+            "out has 5 rows",
+        ),
+        (
+            lambda: transform(K.affine, x, pool=pool, mode="move"),
+            ArgumentError,
+            "mode must be one of",
+        ),
+        (
+            lambda: transform(K.affine, x, pool=pool, chunk_size=0),
+            ArgumentError,
+            "chunk_size must be >= 1",
+        ),
+        (
+            lambda: transform(K.blur3, x, pool=pool, chunk_size=2, overlap=2),
+            ArgumentError,
+            "overlap (2) must be smaller than chunk_size",
+        ),
+        (lambda: transform(K.affine, x, x, x, x, pool=pool), ArgumentError, "at most 3"),
+        (
+            lambda: transform(K.affine, np.float64(1.0), pool=pool),
+            ArgumentTypeError,
+            "input 0 must be a NumPy array",
+        ),
+        (lambda: transform(K.affine, x, pool="mine"), ArgumentTypeError, "pool must be"),
+        (
+            lambda: reduce(K.chunk_sum, x, combine=3, pool=pool),
+            ArgumentTypeError,
+            "combine must be callable",
+        ),
+    ]
+    ro = np.empty(10)
+    ro.flags.writeable = False
+    cases.append(
+        (lambda: transform(K.affine, x, out=ro, pool=pool), ArgumentError, "out is read-only")
+    )
+    for call, error, match in cases:
+        with pytest.raises(error) as info:
+            call()
+        assert match in str(info.value), (match, str(info.value))
+
+
+def test_kernel_that_does_not_compile_or_returns_a_value(pool: Pool) -> None:
+    with pytest.raises(TransformError, match=r"tests._kernels.add2 does not compile"):
+        transform(K.add2, np.arange(4.0), pool=pool)  # 2 inputs + out expected, got 1 + out
+    with pytest.raises(TransformError, match="returns float64"):
+        transform(K.returns_value, np.arange(4.0), pool=pool)
+    with pytest.raises(TransformError, match="returns nothing"):
+        reduce(K.returns_nothing, np.arange(4.0), combine=operator.add, pool=pool)
+
+
+@pytest.mark.parametrize("mode", ["share", "copy"])
+def test_kernel_error_names_kernel_and_chunk(pool: Pool, mode: str) -> None:
+    x = np.arange(1000.0)
+    x[734] = -1.0
+    with pytest.raises(TransformError) as info:
+        transform(
+            K.fails_on_negative, x, out=np.empty_like(x), pool=pool, chunk_size=100, mode=mode
+        )
+    msg = str(info.value)
+    assert "tests._kernels.fails_on_negative" in msg and "chunk 7 (rows 700:800)" in msg
+    assert "negative input" in msg
+    out = np.empty_like(x)
+    transform(K.affine, x, out=out, pool=pool)  # the pool is still usable
+    np.testing.assert_allclose(out, _affine_ref(x))
+
+
+# --- a worker crash mid-job --------------------------------------------------------------------
+@pytest.mark.crash
+def test_crash_reruns_only_the_lost_chunks() -> None:
+    x = np.arange(20_000, dtype=np.float64)
+    x[12_345] = -1.0
+    with (
+        Pool(2, backend="process") as pool,
+        shc.from_numpy(x) as sx,
+        shc.zeros(x.shape[0], np.int64) as latch,
+    ):
+        out = transform(K.dies_once_on_marker, sx, latch, pool=pool, chunk_size=1000)
+        try:
+            np.testing.assert_allclose(out.array, 2.0 * x)
+            assert pool.stats.crashed == 1 and pool.stats.total == 2
+        finally:
+            out.unlink()
+            out.close()
+        latch.array[:] = 0
+        with pytest.raises(WorkerCrashedError, match=r"chunks \[12\] were lost"):
+            transform(K.dies_once_on_marker, sx, latch, pool=pool, chunk_size=1000, retries=0)
+
+
+# --- kernels without an importable name --------------------------------------------------------
+def test_kernel_defined_in_main_is_shipped_by_value() -> None:
+    code = textwrap.dedent(
+        """
+        import numpy as np, numba
+        import shmcompute as shc
+        from shmcompute.pool import Pool
+
+        @numba.njit(nogil=True)
+        def triple(x, out):
+            for i in range(x.shape[0]):
+                out[i] = 3 * x[i]
+
+        with Pool(2, backend="process") as pool, shc.from_numpy(np.arange(50000.0)) as x:
+            y = shc.transform(triple, x, pool=pool, chunk_size=5000)
+            assert np.array_equal(y.array, 3 * np.arange(50000.0))
+            y.unlink(); y.close()
+        print("ok")
+        """
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=os.path.dirname(os.path.dirname(__file__)),
+    )
+    assert proc.stdout.strip() == "ok", proc.stderr[-2000:]
+    assert "leaked" not in proc.stderr
