@@ -1,4 +1,4 @@
-"""The ``shmcompute`` command: ``demo``, ``info`` and ``reap``."""
+"""The ``shmcompute`` command: ``bench``, ``demo``, ``info`` and ``reap``."""
 
 from __future__ import annotations
 
@@ -49,10 +49,16 @@ def _reap(dry_run: bool) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["bench"]:  # its own options: shmcompute bench --help
+        from shmcompute import bench
+
+        return bench.main(argv[1:])
     parser = argparse.ArgumentParser(
         prog="shmcompute", description="Parallel array compute on shared memory."
     )
     sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("bench", help="shmcompute against NumPy, Numba, the stdlib pools, joblib")
     demo = sub.add_parser("demo", help="a short real run of the core, checked against NumPy")
     demo.add_argument("--size", type=int, default=16_000_000, help="elements (default 16M)")
     demo.add_argument("--workers", type=int, default=2, help="worker processes (default 2)")

@@ -172,6 +172,7 @@ class Job(NamedTuple):
     chunk: int
     nchunks: int
     overlap: int
+    keep: bool  # keep the arrays mapped for the next job (not for one-shot transfers)
 
 
 _attached: dict[str, tuple[SharedArray, int]] = {}  # worker-side: name -> (array, inode)
@@ -219,21 +220,31 @@ def run_task(job: Job, t: int) -> int:
     ins = tuple(view(h) for h in job.inputs)
     out = view(job.out)
     rt = kernel_rt(job.kind, kernel, ins, out if job.kind != "reduce" else None)
-    return drive(
-        job.kind,
-        kernel,
-        job.kernel.name,
-        rt,
-        ctrl,
-        t,
-        order,
-        ins,
-        out,
-        job.n,
-        job.chunk,
-        job.nchunks,
-        job.overlap,
-    )
+    try:
+        return drive(
+            job.kind,
+            kernel,
+            job.kernel.name,
+            rt,
+            ctrl,
+            t,
+            order,
+            ins,
+            out,
+            job.n,
+            job.chunk,
+            job.nchunks,
+            job.overlap,
+        )
+    finally:
+        if not job.keep:
+            # Transferred arrays are one-shot: unmap them now, so that freeing their
+            # memory happens where the owner frees it, not inside our next job.
+            del ins, out
+            for h in (*job.inputs, job.out):
+                hit = _attached.pop(h.name, None)
+                if hit is not None:
+                    hit[0].close()
 
 
 class _KernelAddress(types.WrapperAddressProtocol):  # type: ignore[misc]

@@ -562,6 +562,23 @@ class SharedArray:
         self._finalizer.detach()
         return SharedArrayHandle(st.name, self.shape, self.dtype, transfer_token=token)
 
+    def _move(self) -> SharedArray:
+        """Transfer within this process: a new owner object takes over this mapping and
+        this one is detached, as with :meth:`transfer`, but without unmapping and
+        re-mapping the segment (unmapping touched pages costs O(size))."""
+        st = self._live()
+        if not self.owner:
+            raise NotOwnerError(f"only the owner can transfer shared array {st.name!r}")
+        assert st.mm is not None and st.array is not None
+        moved = _State(st.name, st.mm, st.array, owner=True)
+        st.owner = False
+        st.detached = True
+        st.array = None  # the mapping now belongs to ``moved``; do not unmap it here
+        st.mm = None
+        st.closed = True
+        self._finalizer.detach()
+        return SharedArray._new(moved, self._handle)
+
     def __enter__(self) -> SharedArray:
         return self
 

@@ -37,7 +37,7 @@ def take_ownership(inputs: Sequence[Any], out: Any, returned: Any) -> tuple[Any,
                 raise ArgumentError(
                     f"transfer mode needs the owner of {what}; this one is attached, not owned"
                 )
-            moved[id(x)] = SharedArray.attach(x.transfer())
+            moved[id(x)] = x._move()  # the caller's object is detached from here on
         return moved[id(x)]
 
     new_inputs = [move(x, f"input {i}") for i, x in enumerate(inputs)]

@@ -389,6 +389,7 @@ def _run(
                 timeout,
                 in_objs=inputs,
                 out_obj=returned,
+                one_shot=mode == "transfer",
             )
         if kind == "reduce":
             return _fold(result, combine, identity)
@@ -450,6 +451,7 @@ def _run_shared(
     timeout: float | None,
     in_objs: Sequence[Any],
     out_obj: Any,
+    one_shot: bool = False,
 ) -> Any:
     deadline = None if timeout is None else time.monotonic() + timeout
     temps: list[SharedArray] = []
@@ -474,11 +476,11 @@ def _run_shared(
             out_sa = SharedArray.create(out_arr.shape, out_arr.dtype)
             temps.append(out_sa)
             copy_back = (out_sa.array, out_arr)
-            if any(np.shares_memory(out_arr, a) for a in arrays):
+            if any(np.may_share_memory(out_arr, a) for a in arrays):
                 out_sa.array[...] = out_arr
     arena = _arena(pool, D.ctrl_words(nchunks))
     ctrl = arena.words
-    in_place = kind != "reduce" and any(np.shares_memory(out_arr, a) for a in arrays)
+    in_place = kind != "reduce" and any(np.may_share_memory(out_arr, a) for a in arrays)
     bar = Progress(nchunks) if progress else None
     order = NO_ORDER
     order_sa: SharedArray | None = None
@@ -504,6 +506,7 @@ def _run_shared(
                     chunk,
                     nchunks,
                     overlap,
+                    keep=not one_shot,
                 )
                 futures = [pool.submit(run_task, job, t) for t in range(ntasks)]
             else:

@@ -34,3 +34,32 @@ def test_info_and_reap():
     assert info.returncode == 0 and "numba" in info.stdout and "/dev/shm" in info.stdout
     reap = run("reap", "--dry-run")
     assert reap.returncode == 0 and "would remove" in reap.stdout
+
+
+def test_bench_quick_verifies_and_saves(tmp_path):
+    path = tmp_path / "bench.json"
+    out = run("bench", "--quick", "--json", str(path), timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    for section in ("CPU-bound", "memory-bound", "task round trip", "moving the data"):
+        assert section in out.stdout
+    assert "WRONG" not in out.stdout and "vs best peer" in out.stdout
+    import json
+
+    data = json.loads(path.read_text())
+    names = {r["name"] for r in data["rows"]}
+    assert {
+        "shmcompute thread (share)",
+        "shmcompute process (share)",
+        "numba, 1 thread",
+        "ProcessPoolExecutor",
+        "multiprocessing.Pipe ping-pong",
+    } <= names
+    assert all(r["ok"] for r in data["rows"])
+    assert "resource_tracker" not in out.stderr
+
+
+def test_bench_rejects_bad_options():
+    out = run("bench", "--sections", "gpu")
+    assert out.returncode == 2 and "unknown ['gpu']" in out.stderr
+    out = run("bench", "--mode-sizes", "lots")
+    assert out.returncode == 2 and "not a size" in out.stderr
