@@ -23,7 +23,8 @@ def test_every_python_block_runs(tmp_path: pathlib.Path) -> None:
     for i, code in enumerate(blocks):
         script = tmp_path / f"readme_block_{i}.py"  # a file: Numba caches need one
         script.write_text(code)
-        proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
-                              timeout=180, cwd=ROOT)
+        proc = subprocess.run(
+            [sys.executable, str(script)], capture_output=True, text=True, timeout=180, cwd=ROOT
+        )
         assert proc.returncode == 0, (code, proc.stderr[-3000:])
         assert "resource_tracker" not in proc.stderr and "leaked" not in proc.stderr
