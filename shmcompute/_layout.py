@@ -87,6 +87,8 @@ REG_WORDS = REG_ENTRIES + REG_CAPACITY * REG_ENTRY_WORDS
 # outstanding on a worker, so neither ring can overflow (one result per task).
 PC_RESULT_SEQ = 0  # bumped (and notified) by a worker after it publishes results
 PC_SPINNERS = 1  # callers spinning in Future.result(); while > 0 workers skip the notify
+PC_BUSY = 2  # workers running a task now (spin only while a core is left over)
+PC_CORES = 3  # usable cores, set by the parent
 PC_HEADER_WORDS = 8
 
 W_DOORBELL = 0  # the parent bumps it (and notifies) after pushing tasks or asking to stop

@@ -22,7 +22,25 @@ _SESSION_HELPERS = ("resource_tracker", "forkserver")
 
 
 def _our_segments() -> set[str]:
-    return {n for n in os.listdir(SHM_DIR) if n.startswith(PREFIX)}
+    """Our segments: made by this process tree, or by a process that is gone (a child
+    that exited). Segments of other live programs using shmcompute on this machine at
+    the same time are none of our business, and must never be removed here."""
+    mine = {os.getpid()}
+    try:
+        mine |= {p.pid for p in psutil.Process().children(recursive=True)}
+    except psutil.Error:
+        pass
+    out = set()
+    for name in os.listdir(SHM_DIR):
+        if not name.startswith(PREFIX):
+            continue
+        try:
+            pid = int(name[len(PREFIX) :].split("_", 1)[0], 16)
+        except ValueError:
+            continue
+        if pid in mine or not psutil.pid_exists(pid):
+            out.add(name)
+    return out
 
 
 def _stray_children() -> list[psutil.Process]:

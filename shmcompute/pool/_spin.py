@@ -10,6 +10,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
+from .. import _layout as L
 from .. import _native as N
 from .. import atomics as at
 from ..atomics import _now_ns
@@ -126,6 +127,7 @@ def spin_until_at_least(words, index, target, spin_ns, gil_index):  # type: igno
 # --- a process worker's per-task bookkeeping, one compiled call each side of the task ----
 @njit(**_KEEP_GIL)
 def worker_begin(words, rec, seq, t0, state_i, started_i, current_i, busy):  # type: ignore[no-untyped-def]
+    at.add(words, L.PC_BUSY, 1)
     at.store(words, rec + state_i, busy)
     at.store(words, rec + started_i, t0)
     at.store(words, rec + current_i, seq)  # last: "seq is running since t0"
@@ -154,6 +156,7 @@ def worker_end(
     at.store(words, rec + res_tail_i, res_tail)
     at.store(words, rec + head_i, head)
     at.store(words, rec + current_i, -1)
+    at.sub(words, L.PC_BUSY, 1)
     # A caller spinning in result() sees the tail move; waking the collector thread too
     # would only make it fight that caller for the GIL. The caller re-checks every ring
     # after it stops spinning, so no result is stranded (the store above and the load

@@ -160,7 +160,9 @@ def _serve(spec: WorkerSpec, words: Any, rings: Rings, w: int, rec: int) -> None
             # task pushed within the budget then costs the parent no notify at all (with
             # no waiter, notify is a fence and a load), and us no wake-up. Bounded:
             # spinning collapses when cores are oversubscribed.
-            if spin_tail(words, rec + L.W_TASK_TAIL, tail, spin_ns) != tail:
+            # Only while a core is left for the parent and the busy workers, though.
+            spare = at.load(words, L.PC_BUSY) + 2 <= at.load(words, L.PC_CORES)
+            if spare and spin_tail(words, rec + L.W_TASK_TAIL, tail, spin_ns) != tail:
                 continue
             # Parent death ends the process from the watcher thread, so this may sleep
             # until the doorbell rings; the timeout only bounds it as a matter of rule.
