@@ -11,8 +11,11 @@ Job control words (int64)::
 
     J_CLAIM    next position in the work list (fetch-add by every driver)
     J_DONE     chunks finished (the caller's progress bar reads it)
+    J_EXITED   driver tasks that have left; the last one wakes the caller (notify)
     J_TASK+t   chunk that driver task t is running, -1 between chunks: names the chunk
                in an error and tells a crash which chunk it lost
+    J_EXIT+t   1 once task t was counted in J_EXITED (by itself, or by the caller when
+               its task died): each task is counted exactly once
     J_FLAGS+i  1 once chunk i is written: after a crash, only unflagged chunks re-run
 
 A work list (``order``) of chunk indices lets a re-run cover just the lost chunks; an
@@ -29,14 +32,27 @@ from . import atomics as at
 
 J_CLAIM = 0
 J_DONE = 1
+J_EXITED = 2  # driver tasks that have left (the caller waits on it)
+J_SCRATCH = 3  # bumped by the caller's spin (it marks "GIL released"; unused here)
 J_TASK = 8  # per driver task
 MAX_TASKS = 256
-J_FLAGS = J_TASK + MAX_TASKS  # per chunk
+J_EXIT = J_TASK + MAX_TASKS  # per driver task: 1 once counted in J_EXITED
+J_FLAGS = J_EXIT + MAX_TASKS  # per chunk
 STOP = 1 << 40  # stored into J_CLAIM to stop every driver (an error elsewhere)
 
 
 def ctrl_words(nchunks: int) -> int:
     return J_FLAGS + nchunks
+
+
+@njit(nogil=True, cache=True, inline="always")
+def left(ctrl, t):  # type: ignore[no-untyped-def]
+    """Count driver ``t`` out, once, and wake the caller when it was the last. The
+    caller counts a task out the same way when its future fails (a crash): whoever
+    comes first, through the exchange, counts it."""
+    if at.exchange(ctrl, J_EXIT + t, 1) == 0:
+        at.add(ctrl, J_EXITED, 1)
+        at.notify(ctrl, J_EXITED)
 
 
 # One driver per (kind, number of inputs); Numba needs fixed arity. They are written out
@@ -55,6 +71,7 @@ def map1(kernel, ctrl, t, order, a, out, n, chunk, nchunks):  # type: ignore[no-
         at.store(ctrl, J_FLAGS + i, 1)
         at.add(ctrl, J_DONE, 1)
     at.store(ctrl, J_TASK + t, -1)
+    left(ctrl, t)
     return 0
 
 
@@ -72,6 +89,7 @@ def map2(kernel, ctrl, t, order, a, b, out, n, chunk, nchunks):  # type: ignore[
         at.store(ctrl, J_FLAGS + i, 1)
         at.add(ctrl, J_DONE, 1)
     at.store(ctrl, J_TASK + t, -1)
+    left(ctrl, t)
     return 0
 
 
@@ -89,6 +107,7 @@ def map3(kernel, ctrl, t, order, a, b, c, out, n, chunk, nchunks):  # type: igno
         at.store(ctrl, J_FLAGS + i, 1)
         at.add(ctrl, J_DONE, 1)
     at.store(ctrl, J_TASK + t, -1)
+    left(ctrl, t)
     return 0
 
 
@@ -107,6 +126,7 @@ def halo1(kernel, ctrl, t, order, a, out, n, chunk, nchunks, k):  # type: ignore
         at.store(ctrl, J_FLAGS + i, 1)
         at.add(ctrl, J_DONE, 1)
     at.store(ctrl, J_TASK + t, -1)
+    left(ctrl, t)
     return 0
 
 
@@ -126,6 +146,7 @@ def halo2(kernel, ctrl, t, order, a, b, out, n, chunk, nchunks, k):  # type: ign
         at.store(ctrl, J_FLAGS + i, 1)
         at.add(ctrl, J_DONE, 1)
     at.store(ctrl, J_TASK + t, -1)
+    left(ctrl, t)
     return 0
 
 
@@ -143,6 +164,7 @@ def reduce1(kernel, ctrl, t, order, a, parts, n, chunk, nchunks):  # type: ignor
         at.store(ctrl, J_FLAGS + i, 1)
         at.add(ctrl, J_DONE, 1)
     at.store(ctrl, J_TASK + t, -1)
+    left(ctrl, t)
     return 0
 
 
@@ -160,6 +182,7 @@ def reduce2(kernel, ctrl, t, order, a, b, parts, n, chunk, nchunks):  # type: ig
         at.store(ctrl, J_FLAGS + i, 1)
         at.add(ctrl, J_DONE, 1)
     at.store(ctrl, J_TASK + t, -1)
+    left(ctrl, t)
     return 0
 
 
@@ -177,6 +200,7 @@ def reduce3(kernel, ctrl, t, order, a, b, c, parts, n, chunk, nchunks):  # type:
         at.store(ctrl, J_FLAGS + i, 1)
         at.add(ctrl, J_DONE, 1)
     at.store(ctrl, J_TASK + t, -1)
+    left(ctrl, t)
     return 0
 
 

@@ -45,6 +45,7 @@ job (~0.1-0.5 s once per worker).
 from __future__ import annotations
 
 import atexit
+import functools
 import math
 import sys
 import threading
@@ -68,9 +69,9 @@ from ._jobs import (
     run_task,
 )
 from .array import SharedArray
-from .errors import ArgumentError, ArgumentTypeError, WorkerCrashedError
+from .errors import ArgumentError, ArgumentTypeError, TransformError, WorkerCrashedError
 from .modes import MODES, Progress, run_copy, take_ownership
-from .pool import Pool, pool_size
+from .pool import Pool, _spin, pool_size
 
 __all__ = ["default_pool", "reduce", "transform"]
 
@@ -274,12 +275,27 @@ class _Arena:
             self.shared.close()
 
 
+_ARENA_WAIT = 0.05  # seconds to wait for a busy arena before making another
+
+
 def _arena(pool: Pool, words: int) -> _Arena:
+    """A free arena of at least ``words``. One whose last job's futures are still
+    resolving (see ``_release_after``) comes back within microseconds: wait a little for
+    it rather than make a segment per call; concurrent jobs do get their own."""
     with pool._lock:
-        free: list[_Arena] = pool.__dict__.setdefault("_arenas", [])
-        for i, a in enumerate(free):
-            if a.words.shape[0] >= words:
-                return free.pop(i)
+        state = pool.__dict__.setdefault("_arena_state", {"free": [], "busy": 0})
+        cond = pool.__dict__.setdefault("_arena_cond", threading.Condition(pool._lock))
+        deadline = time.monotonic() + _ARENA_WAIT
+        while True:
+            for i, a in enumerate(state["free"]):
+                if a.words.shape[0] >= words:
+                    state["busy"] += 1
+                    return state["free"].pop(i)  # type: ignore[no-any-return]
+            left = deadline - time.monotonic()
+            if state["busy"] == 0 or left <= 0:
+                break
+            cond.wait(left)
+        state["busy"] += 1
     arena = _Arena(pool.backend == "process", max(words, D.ctrl_words(4096)))
     pool._on_close(arena.close)
     return arena
@@ -287,7 +303,10 @@ def _arena(pool: Pool, words: int) -> _Arena:
 
 def _release(pool: Pool, arena: _Arena) -> None:
     with pool._lock:
-        pool.__dict__.setdefault("_arenas", []).append(arena)
+        state = pool.__dict__["_arena_state"]
+        state["free"].append(arena)
+        state["busy"] -= 1
+        pool.__dict__["_arena_cond"].notify()
 
 
 def _run(
@@ -413,6 +432,56 @@ def _fold(partials: Sequence[Any], combine: Any, identity: Any) -> Any:
     return acc
 
 
+def _release_after(pool: Pool, arena: _Arena, futures: list[Any]) -> None:
+    pending = [f for f in futures if not f.done()]
+    if not pending:
+        _release(pool, arena)
+        return
+    left = [len(pending)]
+    lock = threading.Lock()
+
+    def one_done(_: Any) -> None:
+        with lock:
+            left[0] -= 1
+            last = left[0] == 0
+        if last:
+            _release(pool, arena)
+
+    for f in pending:
+        f.add_done_callback(one_done)
+
+
+def _count_out(ctrl: np.ndarray, t: int, future: Any) -> None:
+    """A driver task's future resolved: count the task out if its driver did not (it
+    died, or failed before its loop); see ``_drivers.left``."""
+    if at.exchange(ctrl, D.J_EXIT + t, 1) == 0:
+        at.add(ctrl, D.J_EXITED, 1)
+        at.notify(ctrl, D.J_EXITED)
+
+
+_SPIN_NS = 100_000  # a short job ends within this: catch it spinning, without sleeping
+
+
+def _wait_exited(ctrl: np.ndarray, ntasks: int, deadline: float | None, bar: Any) -> None:
+    # Spin first (without the GIL): the wake-up of a sleeping caller costs tens of
+    # microseconds here, more than a small job. Then sleep until the last driver to
+    # leave notifies.
+    if _spin.spin_until_at_least(ctrl, D.J_EXITED, ntasks, _SPIN_NS, D.J_SCRATCH):
+        return
+    while True:
+        seen = int(at.load(ctrl, D.J_EXITED))
+        if seen >= ntasks:
+            return
+        left = None if deadline is None else deadline - time.monotonic()
+        if left is not None and left <= 0:
+            at.store(ctrl, D.J_CLAIM, D.STOP)
+            raise TimeoutError("transform: the job did not finish within its timeout")
+        step = 60.0 if left is None else left
+        at.wait(ctrl, D.J_EXITED, seen, min(step, 0.1) if bar is not None else step)
+        if bar is not None:
+            bar.update_to(int(at.load(ctrl, D.J_DONE)))
+
+
 def _wait_all(
     futures: list[Any], deadline: float | None, ctrl: np.ndarray | None, bar: Any
 ) -> list[BaseException | None]:
@@ -479,6 +548,7 @@ def _run_shared(
             if any(np.may_share_memory(out_arr, a) for a in arrays):
                 out_sa.array[...] = out_arr
     arena = _arena(pool, D.ctrl_words(nchunks))
+    every_future: list[Any] = []  # of every attempt: the arena is ours until all resolve
     ctrl = arena.words
     in_place = kind != "reduce" and any(np.may_share_memory(out_arr, a) for a in arrays)
     bar = Progress(nchunks) if progress else None
@@ -493,6 +563,8 @@ def _run_shared(
             nwork = order.shape[0] if order.shape[0] else nchunks
             ntasks = min(pool.max_workers, nwork, D.MAX_TASKS)
             ctrl[D.J_CLAIM] = 0
+            ctrl[D.J_EXITED] = 0
+            ctrl[D.J_EXIT : D.J_EXIT + D.MAX_TASKS] = 0
             if process:
                 assert ref is not None and arena.shared is not None and out_sa is not None
                 job = Job(
@@ -509,6 +581,9 @@ def _run_shared(
                     keep=not one_shot,
                 )
                 futures = [pool.submit(run_task, job, t) for t in range(ntasks)]
+                every_future += futures
+                for t, f in enumerate(futures):
+                    f.add_done_callback(functools.partial(_count_out, ctrl, t))
             else:
                 # The caller runs driver 0 itself (it would only wait otherwise): a
                 # one-chunk job never touches the pool, and no task pays a wake-up.
@@ -531,6 +606,9 @@ def _run_shared(
                     )
                     for t in range(1, ntasks)
                 ]
+                every_future += futures
+                for t, f in enumerate(futures, start=1):
+                    f.add_done_callback(functools.partial(_count_out, ctrl, t))
                 try:
                     drive(
                         kind,
@@ -553,16 +631,28 @@ def _run_shared(
                             None if deadline is None else max(0.0, deadline - time.monotonic())
                         )
                     raise
-            errors = _wait_all(futures, deadline, ctrl, bar)
+            # The last driver to leave wakes us (wait/notify on J_EXITED). After that no
+            # worker touches this job's arrays or control words again.
+            _wait_exited(ctrl, ntasks, deadline, bar)
+            # Their results are on the way: collecting them now (a caller spinning in
+            # result() picks a result up in microseconds) is faster than leaving them to
+            # the collector thread and waiting for the arena to come back next call.
+            errors = _wait_all(futures, deadline, ctrl, None)
+            lost = np.flatnonzero(ctrl[D.J_FLAGS : D.J_FLAGS + nchunks] == 0)
+            stopped = int(ctrl[D.J_CLAIM]) >= D.STOP
+            if not stopped and lost.size == 0:
+                break
             failure = next(
                 (e for e in errors if e is not None and not isinstance(e, WorkerCrashedError)), None
             )
             if failure is not None:
                 raise failure
             crashed = [e for e in errors if isinstance(e, WorkerCrashedError)]
-            if not crashed:
-                break
-            lost = np.flatnonzero(ctrl[D.J_FLAGS : D.J_FLAGS + nchunks] == 0)
+            if not crashed:  # pragma: no cover - a stop or a gap always has a cause
+                raise TransformError(
+                    f"{name}'s job stopped with chunks {lost.tolist()[:10]} unwritten and "
+                    "no error reported"
+                )
             if retries == 0 or in_place or lost.size == 0:
                 why = (
                     "the kernel writes in place, so a half-written chunk cannot be re-run"
@@ -594,7 +684,10 @@ def _run_shared(
     finally:
         if bar is not None:
             bar.close()
-        _release(pool, arena)
+        # A task whose driver already left may still be resolving its future; its
+        # callback writes this arena's exit words, so the arena goes back to the pool
+        # only when every future of this job has resolved.
+        _release_after(pool, arena, every_future)
         if order_sa is not None:
             order_sa.unlink()
             order_sa.close()
