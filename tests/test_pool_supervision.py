@@ -272,7 +272,7 @@ _DRAINING = textwrap.dedent(
     import os, signal, sys
     from shmcompute.pool import Pool
     from tests import _pool_tasks as T
-    pool = Pool(2, backend="process")
+    pool = Pool(2, backend=sys.argv[1])
     pool.drain_on_sigterm(timeout=30)
     futures = [pool.submit(T.sleep_for, 0.05) for _ in range(12)]
     for i, f in enumerate(futures):
@@ -283,9 +283,10 @@ _DRAINING = textwrap.dedent(
 )
 
 
-def test_sigterm_drains_then_exits() -> None:
+@pytest.mark.parametrize("backend", ["process", "thread"])
+def test_sigterm_drains_then_exits(backend: str) -> None:
     proc = subprocess.run(
-        [sys.executable, "-c", _DRAINING],
+        [sys.executable, "-c", _DRAINING, backend],
         capture_output=True,
         text=True,
         timeout=WAIT,

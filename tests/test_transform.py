@@ -12,6 +12,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import types
 from collections.abc import Iterator
 from typing import Any
 
@@ -236,12 +237,38 @@ def test_default_pool_is_used() -> None:
         module.default_pool().shutdown()
 
 
-def test_progress_bar(pool: Pool, capsys: pytest.CaptureFixture[str]) -> None:
+@pytest.mark.parametrize("mode", ["share", "copy"])
+def test_progress_bar(
+    pool: Pool, mode: str, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setitem(sys.modules, "tqdm", None)  # the built-in fallback line
     x = np.arange(5000.0)
     out = np.empty_like(x)
-    transform(K.affine, x, out=out, pool=pool, chunk_size=100, progress=True)
+    transform(K.affine, x, out=out, pool=pool, chunk_size=100, progress=True, mode=mode)
     np.testing.assert_allclose(out, _affine_ref(x))
-    assert "50/50" in capsys.readouterr().err.replace(" ", "") or True  # tqdm or fallback
+    err = capsys.readouterr().err
+    assert "shmcompute: 50/50 chunks" in err  # ends at the total, fed from the counter
+
+
+def test_progress_bar_uses_tqdm_when_installed(pool: Pool, monkeypatch: pytest.MonkeyPatch) -> None:
+    updates: list[int] = []
+
+    class FakeTqdm:
+        def __init__(self, total: int, unit: str) -> None:
+            assert total == 20 and unit == "chunk"
+
+        def update(self, n: int) -> None:
+            updates.append(n)
+
+        def close(self) -> None:
+            updates.append(-1)
+
+    fake = types.ModuleType("tqdm")
+    fake.tqdm = FakeTqdm  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "tqdm", fake)
+    x = np.arange(2000.0)
+    transform(K.affine, x, out=np.empty_like(x), pool=pool, chunk_size=100, progress=True)
+    assert sum(u for u in updates if u > 0) == 20 and updates[-1] == -1
 
 
 # --- transfer mode ---------------------------------------------------------------------------
