@@ -114,8 +114,8 @@ WS_BUSY = 3
 WS_EXITING = 4  # recycled (max_tasks_per_child) or stopping: exit is expected
 WS_INIT_FAILED = 5  # the initializer raised; the message is in the result ring
 
-RING_SLOTS = 64
-SLOT_BYTES = 4096
+RING_SLOTS = 32
+SLOT_BYTES = 16384
 SLOT_HEAD = 48  # slot header: seq, flags, nbytes, t_start_ns, t_end_ns (int64), pad
 SLOT_INLINE = SLOT_BYTES - SLOT_HEAD  # payloads above this spill to their own segment
 RING_BYTES = RING_SLOTS * SLOT_BYTES
