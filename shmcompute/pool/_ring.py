@@ -117,3 +117,22 @@ def describe_call(fn: Any) -> str:
     mod = getattr(fn, "__module__", None)
     name = getattr(fn, "__qualname__", None) or repr(fn)
     return f"{mod}.{name}" if mod else str(name)
+
+
+def release_spill(task: Any) -> None:
+    """Free the segment a large task payload was spilled to (once)."""
+    seg, task.spill = task.spill, None
+    if seg is not None:
+        seg.unlink()
+        seg.close()
+
+
+def load_error(flags: int, payload: bytes) -> BaseException:
+    if flags & L.SF_SPILL:
+        payload = unspill(payload)
+    try:
+        return load_exception(payload)
+    except Exception as e:  # pragma: no cover - the exception type is not importable here
+        err = RuntimeError(f"a worker raised an exception that cannot be unpickled here: {e}")
+        err.__cause__ = RemoteTraceback(str(e))
+        return err

@@ -25,6 +25,9 @@ order; results come back in the same order. When a worker dies, results it publi
 are delivered, the task named by its ``W_CURRENT`` (started, no result) crashed, and
 the rest never started: they go back to the front of the queue. So a crash costs
 exactly one task (or none, with ``retries``).
+
+The supervision half (crashes, timeouts, stalls, teardown, restart, health) is in
+``supervisor.py``; ``ProcessPool`` subclasses it.
 """
 
 from __future__ import annotations
@@ -33,11 +36,9 @@ import multiprocessing as mp
 import multiprocessing.connection
 import os
 import pickle
-import signal
 import threading
 import time
 import weakref
-from collections import deque
 from collections.abc import Callable
 from typing import Any
 
@@ -49,27 +50,21 @@ from ..array import SharedArray, _identity
 from ..errors import (
     ArgumentError,
     ArgumentTypeError,
-    InitializerError,
-    PoolTerminatedError,
-    TaskTimeoutError,
-    WorkerCrashedError,
 )
 from . import _spin
-from ._ring import RemoteTraceback, Rings, load_exception, spill, unspill
+from ._ring import Rings, load_error, release_spill, spill, unspill
 from .base import (
     CLOSED,
-    DRAINING,
     RUNNING,
-    Pool,
     PoolStats,
-    WorkerHealth,
     _check_timeout,
+    _describe,
     _PrepareFailed,
     _Task,
 )
-from .base import log as _log
 from .sizing import usable_cores
-from .worker import EXIT_INIT_FAILED, EXIT_ORPHANED, WorkerSpec
+from .supervisor import Supervision, _Proc
+from .worker import WorkerSpec
 from .worker import main as _worker_main
 
 _PROTOCOL = pickle.HIGHEST_PROTOCOL
@@ -98,62 +93,7 @@ def _forkserver_context() -> Any:
     return ctx
 
 
-def _exit_reason(code: int | None) -> str:
-    if code is None:
-        return "unknown exit status"
-    if code < 0:
-        try:
-            name = signal.Signals(-code).name
-        except ValueError:
-            name = f"signal {-code}"
-        hint = {
-            signal.SIGKILL: " (an outside kill, or the kernel's OOM killer)",
-            signal.SIGSEGV: " (a segmentation fault in native code)",
-            signal.SIGBUS: " (a bus error: often a shared-memory file that ran out of space)",
-            signal.SIGABRT: " (an abort in native code)",
-        }.get(-code, "")  # type: ignore[call-overload]
-        return f"killed by {name}{hint}"
-    if code == EXIT_ORPHANED:
-        return "exited because its owner process died"
-    return f"exited with code {code} (os._exit or sys.exit in the task?)"
-
-
-class _Proc:
-    """The parent's record of one worker process (all fields under the pool lock)."""
-
-    __slots__ = (
-        "inflight",
-        "init_error",
-        "kill_reason",
-        "pid",
-        "process",
-        "reaped",
-        "res_head",
-        "restarts",
-        "retiring",
-        "sent",
-        "slot",
-        "stall_reported",
-        "tail",
-    )
-
-    def __init__(self, slot: int, process: Any, restarts: int) -> None:
-        self.slot = slot
-        self.process = process
-        self.pid: int = process.pid
-        self.inflight: deque[_Task] = deque()  # pushed, result not yet collected; in order
-        self.tail = 0  # tasks pushed (mirror of W_TASK_TAIL)
-        self.res_head = 0  # results consumed (mirror of W_RES_HEAD)
-        self.retiring = False  # restart()/shutdown: no new tasks, exit once drained
-        self.restarts = restarts
-        self.sent = 0  # tasks ever pushed (max_tasks_per_child)
-        self.reaped = False
-        self.stall_reported = False
-        self.kill_reason: str | None = None  # why the supervisor killed it, if it did
-        self.init_error: BaseException | None = None
-
-
-class ProcessPool(Pool):
+class ProcessPool(Supervision):
     """Worker processes behind a ``concurrent.futures.Executor``: a drop-in for
     ``ProcessPoolExecutor`` (same positional arguments and keywords).
 
@@ -334,7 +274,7 @@ class ProcessPool(Pool):
         try:
             payload = pickle.dumps((fn, args, kwargs), protocol=_PROTOCOL)
         except Exception as e:
-            e.add_note(f"(while pickling the call {_describe_fn(fn)} to send it to a worker)")
+            e.add_note(f"(while pickling the call {_describe(fn)} to send it to a worker)")
             raise _PrepareFailed(e) from None
         if len(payload) <= L.SLOT_INLINE:
             return payload, None
@@ -429,7 +369,7 @@ class ProcessPool(Pool):
             self._drop_cancelled_locked(task)
 
     def _release(self, task: _Task) -> None:
-        _release_spill(task)
+        release_spill(task)
 
     def _push_locked(self, p: _Proc, task: _Task) -> None:
         assert task.payload is not None
@@ -458,7 +398,7 @@ class ProcessPool(Pool):
             del data
             p.res_head += 1
             if flags & L.SF_INIT:
-                p.init_error = _load_error(flags, payload)
+                p.init_error = load_error(flags, payload)
                 continue
             task = p.inflight.popleft()
             assert task.seq == seq, (task.seq, seq)  # invariant: results come in push order
@@ -486,10 +426,10 @@ class ProcessPool(Pool):
         done = []
         for task, flags, payload, t0, t1 in batch:
             if task.spill is not None:
-                _release_spill(task)
+                release_spill(task)
             try:
                 if flags & L.SF_ERROR:
-                    ok, value = False, _load_error(flags, payload)
+                    ok, value = False, load_error(flags, payload)
                 else:
                     if flags & L.SF_SPILL:
                         payload = unspill(payload)
@@ -541,365 +481,6 @@ class ProcessPool(Pool):
             # Workers skipped the notify while we spun: collect what they published.
             self._collect_all()
 
-    # --- supervision ----------------------------------------------------------------------
-    def _supervise(self) -> None:
-        try:
-            while True:
-                with self._lock:
-                    live = {p.process.sentinel: p for p in self._procs.values() if not p.reaped}
-                    if self._state == DRAINING:
-                        self._purge_cancelled_locked()
-                    finished = self._state == DRAINING and self._outstanding == 0
-                if finished or self._force:
-                    break
-                timeout = self._checks(time.monotonic_ns())
-                ready = mp.connection.wait([self._wake_r, *live], timeout)
-                for r in ready:
-                    if r == self._wake_r:
-                        os.read(self._wake_r, 4096)
-                    else:
-                        self._on_exit(live[r])
-        except BaseException:  # pragma: no cover - a bug here must not hang the pool
-            _log.exception("shmcompute pool supervisor failed; terminating the pool")
-            self._force = True
-        self._teardown()
-
-    def _checks(self, now: int) -> float | None:
-        """Task deadlines, stalled heartbeats and backlog; returns seconds until the
-        next check is due (None: nothing to watch)."""
-        due: list[float] = []
-        kill: list[tuple[_Proc, str]] = []
-        words = self._words
-        with self._lock:
-            for p in self._procs.values():
-                if p.reaped or p.kill_reason is not None:
-                    continue
-                rec = Rings.rec(p.slot)
-                if p.inflight and p.inflight[0].timeout is not None:
-                    task = p.inflight[0]
-                    assert task.timeout is not None
-                    if at.load(words, rec + L.W_CURRENT) == task.seq:
-                        started = at.load(words, rec + L.W_STARTED_NS)
-                        left = task.timeout - (now - started) / 1e9
-                        if left <= 0:
-                            task.timed_out = True
-                            kill.append((p, "timeout"))
-                            continue
-                        due.append(left)
-                    else:
-                        due.append(task.timeout)
-                if self._stall_timeout is not None:
-                    age = (now - at.load(words, rec + L.W_HEARTBEAT_NS)) / 1e9
-                    if age > self._stall_timeout:
-                        if not p.stall_reported:
-                            p.stall_reported = True
-                            _log.warning(
-                                "shmcompute worker %d (pid %d) stalled: no heartbeat for "
-                                "%.1f s (stuck holding the GIL, or stopped)%s",
-                                p.slot,
-                                p.pid,
-                                age,
-                                "; replacing it" if self._replace_stalled else "",
-                            )
-                        if self._replace_stalled:
-                            kill.append((p, f"its heartbeat stalled for {age:.1f} s"))
-                            continue
-                    else:
-                        p.stall_reported = False
-                    due.append(self._stall_timeout / 2)
-            if self._state == DRAINING:
-                for p in self._procs.values():
-                    if not p.retiring and not p.inflight:
-                        pass  # idle workers are stopped together at teardown
-        for p, reason in kill:
-            with self._lock:
-                p.kill_reason = reason
-            try:
-                p.process.kill()
-            except Exception:  # pragma: no cover - already gone
-                pass
-        backlog = self._check_backlog(now)
-        if backlog is not None:
-            due.append(backlog)
-        return max(0.001, min(due)) if due else None
-
-    def _on_exit(self, p: _Proc) -> None:
-        p.process.join(5)
-        code = p.process.exitcode
-        out: list[tuple[_Task, int, bytes, int, int]] = []
-        crashed: _Task | None = None
-        with self._lock:
-            if p.reaped:
-                return
-            p.reaped = True
-            self._collect_locked(p, out)
-            rec = Rings.rec(p.slot)
-            state = at.load(self._words, rec + L.W_STATE)
-            current = at.load(self._words, rec + L.W_CURRENT)
-            requeue = []
-            for task in p.inflight:
-                if task.seq == current and crashed is None:
-                    crashed = task
-                else:
-                    requeue.append(task)  # never started: run it elsewhere
-            p.inflight.clear()
-            for task in reversed(requeue):
-                task.worker = -1
-                self._queue.appendleft(task)
-            del self._procs[p.slot]
-            self._dispatchable = None
-            self._restarts[p.slot] += 1
-            self._free.append(p.slot)
-            # A worker that dies before it is ready (its initializer raised, or the main
-            # module exits when a worker imports it) counts towards giving up: replacing
-            # it forever would only spin.
-            died_starting = state in (L.WS_EMPTY, L.WS_STARTING) and not p.retiring
-            if died_starting and p.init_error is None and code != EXIT_ORPHANED:
-                p.init_error = WorkerCrashedError(
-                    f"worker process {p.pid} {_exit_reason(code)} while starting, before it "
-                    "could run a task. If the main module is a script, guard its top-level "
-                    "code with `if __name__ == '__main__':` (workers import it)",
-                    pid=p.pid,
-                    exitcode=code,
-                )
-            init_failed = state == L.WS_INIT_FAILED or code == EXIT_INIT_FAILED or died_starting
-            expected = p.retiring or (state == L.WS_EXITING and code == 0)
-            if init_failed:
-                self._init_failures += 1
-                self._last_init_error = p.init_error
-            elif state in (L.WS_IDLE, L.WS_BUSY, L.WS_EXITING):
-                self._init_failures = 0
-            give_up = init_failed and self._init_failures >= _INIT_FAILURES_BEFORE_GIVING_UP
-            replace = (
-                not p.retiring
-                and not give_up
-                and (self._state == RUNNING or (self._state == DRAINING and self._outstanding > 0))
-            )
-            failed_queue: list[_Task] = []
-            if give_up:
-                failed_queue = list(self._queue)
-                self._queue.clear()
-        self._deliver(out)
-        if crashed is not None:
-            self._on_crash(p, crashed, code)
-        elif not expected and not init_failed:
-            _log.warning(
-                "shmcompute worker %d (pid %d) %s while idle; replacing it",
-                p.slot,
-                p.pid,
-                _exit_reason(code),
-            )
-        if failed_queue:
-            cause = self._last_init_error
-            for task in failed_queue:
-                what = (
-                    f"the pool's initializer {_describe_fn(self._initializer)} failed"
-                    if self._initializer is not None
-                    else "worker processes died while starting"
-                )
-                err = InitializerError(
-                    f"{what} in {_INIT_FAILURES_BEFORE_GIVING_UP} workers in a row, so "
-                    f"{task.describe()} could not run; the last failure is attached. The "
-                    "pool tries again when new tasks arrive"
-                )
-                err.__cause__ = cause
-                self._finish(task, False, err)
-            with self._lock:
-                self._init_failures = 0  # new submits get fresh attempts
-        with self._lock:
-            if replace or (
-                self._queue and self._state != CLOSED and not self._force and not self._procs
-            ):
-                self._start_worker_locked()
-            self._dispatch_locked()
-
-    def _on_crash(self, p: _Proc, task: _Task, code: int | None) -> None:
-        if task.timed_out:
-            err: BaseException = TaskTimeoutError(
-                f"{task.describe()} ran past its timeout of {task.timeout:g} s; its worker "
-                f"(pid {p.pid}) was killed and replaced"
-            )
-        else:
-            reason = _exit_reason(code)
-            if p.kill_reason is not None:
-                reason = f"was killed because {p.kill_reason}"
-            err = WorkerCrashedError(
-                f"worker process {p.pid} {reason} while running {task.describe()}; the "
-                "worker was replaced and the pool is still usable (pass retries=n to "
-                "re-run such tasks)",
-                pid=p.pid,
-                exitcode=code,
-                task=task.describe(),
-            )
-        if task.spill is not None and (task.timed_out or task.retries == 0):
-            _release_spill(task)
-        self._crashed(task, err)
-
-    # --- shutdown -------------------------------------------------------------------------
-    def _begin_shutdown(self) -> None:
-        self._wake_supervisor()
-
-    def _on_drained(self) -> None:
-        if self._state == DRAINING:
-            self._wake_supervisor()
-
-    def _join(self, timeout: float | None) -> None:
-        if threading.current_thread() is self._supervisor:
-            return
-        self._supervisor.join(timeout)
-        if self._supervisor.is_alive():
-            self._force = True
-            self._wake_supervisor()
-            self._supervisor.join(_STOP_GRACE * 2 + 5)
-
-    def _teardown(self) -> None:
-        force = self._force
-        with self._lock:
-            procs = list(self._procs.values())
-            for p in procs:
-                p.retiring = True
-                self._dispatchable = None
-        words = self._words
-        for p in procs:
-            rec = Rings.rec(p.slot)
-            at.store(words, rec + L.W_STOP, 1)
-            at.add(words, rec + L.W_DOORBELL, 1)
-            at.notify(words, rec + L.W_DOORBELL)
-        deadline = time.monotonic() + (0 if force else _STOP_GRACE)
-        for p in procs:
-            p.process.join(max(0.0, deadline - time.monotonic()))
-        for sig in ("terminate", "kill"):
-            alive = [p for p in procs if p.process.is_alive()]
-            if not alive:
-                break
-            for p in alive:
-                getattr(p.process, sig)()
-            end = time.monotonic() + 1.0
-            for p in alive:
-                p.process.join(max(0.0, end - time.monotonic()))
-        for p in procs:
-            p.process.join(1.0)
-            p.process.close() if p.process.exitcode is not None else None
-        # Collect what finished, then fail what never will (only after a forced stop).
-        self._collect_all()
-        with self._lock:
-            leftover = [t for p in procs for t in p.inflight] + list(self._queue)
-            self._queue.clear()
-            for p in procs:
-                p.inflight.clear()
-            self._procs.clear()
-        for task in leftover:
-            if task.spill is not None:
-                _release_spill(task)
-            self._finish(
-                task,
-                False,
-                PoolTerminatedError(
-                    f"{task.describe()} did not finish: shutdown(timeout=...) ran out of time and "
-                    "terminated the workers"
-                ),
-            )
-        self._stop_collector = True
-        at.add(words, L.PC_RESULT_SEQ, 1)
-        at.notify(words, L.PC_RESULT_SEQ)
-        self._collector.join(10.0)
-        with self._lock:
-            self._set_state(CLOSED)
-        self._run_close_callbacks()
-        os.close(self._wake_r)
-        os.close(self._wake_w)
-        del words
-        # Late readers (stats, a racing submit) see an all-zero block, not a dead mapping.
-        self._words = np.zeros(L.PC_HEADER_WORDS + self._nslots * L.W_WORDS, np.int64)
-        self._rings = None  # type: ignore[assignment]
-        self._ctrl.unlink()
-        self._ctrl.close()
-
-    # --- restart, health --------------------------------------------------------------
-    def restart(self, timeout: float | None = 60.0) -> None:
-        timeout = _check_timeout("timeout", timeout)
-        end = None if timeout is None else time.monotonic() + timeout
-        with self._lock:
-            if self._state != RUNNING:
-                raise RuntimeError("cannot restart a pool after shutdown")
-            old = [p for p in self._procs.values() if not p.retiring]
-        for p in old:
-            with self._lock:
-                if p.reaped:
-                    continue
-                new = self._start_worker_locked()
-            self._wait_ready(new, end)
-            with self._lock:
-                p.retiring = True
-                self._dispatchable = None
-                # Its queued tasks stay: it drains its ring before it exits.
-                rec = Rings.rec(p.slot)
-                at.store(self._words, rec + L.W_STOP, 1)
-                at.add(self._words, rec + L.W_DOORBELL, 1)
-                at.notify(self._words, rec + L.W_DOORBELL)
-                self._dispatch_locked()
-            p.process.join(None if end is None else max(0.0, end - time.monotonic()))
-            if p.process.is_alive():
-                raise TimeoutError(
-                    f"restart(): worker {p.pid} did not finish its tasks within the timeout"
-                )
-            # The supervisor saw its sentinel, or will: either way wait for the slot.
-            while not p.reaped:
-                self._on_exit(p)
-
-    def _wait_ready(self, p: _Proc, end: float | None) -> None:
-        idx = Rings.rec(p.slot) + L.W_STATE
-        while True:
-            state = at.load(self._words, idx)
-            if state not in (L.WS_EMPTY, L.WS_STARTING):
-                if state == L.WS_INIT_FAILED:
-                    raise InitializerError(
-                        "restart(): a new worker's initializer failed; the old workers keep running"
-                    ) from p.init_error
-                return
-            if p.reaped or not p.process.is_alive():
-                raise WorkerCrashedError(
-                    f"restart(): new worker {p.pid} died while starting "
-                    f"({_exit_reason(p.process.exitcode)})",
-                    pid=p.pid,
-                    exitcode=p.process.exitcode,
-                )
-            left = 1.0 if end is None else end - time.monotonic()
-            if left <= 0:
-                raise TimeoutError("restart(): a new worker did not become ready in time")
-            at.wait(self._words, idx, state, min(left, 0.1))
-
-    def _health(self) -> list[WorkerHealth]:
-        now = time.monotonic_ns()
-        words = self._words
-        out = []
-        with self._lock:
-            procs = [p for p in self._procs.values() if not p.reaped]
-            if self._state == CLOSED:
-                procs = []
-            for p in procs:
-                rec = Rings.rec(p.slot)
-                state = at.load(words, rec + L.W_STATE)
-                current = at.load(words, rec + L.W_CURRENT)
-                age = (now - at.load(words, rec + L.W_HEARTBEAT_NS)) / 1e9
-                out.append(
-                    WorkerHealth(
-                        index=p.slot,
-                        pid=p.pid,
-                        state=_STATE_NAMES.get(state, "unknown"),
-                        tasks_done=at.load(words, rec + L.W_DONE),
-                        errors=at.load(words, rec + L.W_ERRORS),
-                        restarts=p.restarts,
-                        task_age=(now - at.load(words, rec + L.W_STARTED_NS)) / 1e9
-                        if current >= 0
-                        else None,
-                        rss=_rss(p.pid),
-                        heartbeat_age=age,
-                        stalled=self._stall_timeout is not None and age > self._stall_timeout,
-                    )
-                )
-        return out
-
     def _queued_locked(self) -> int:
         # Tasks waiting in a worker's ring behind its current one count as queued.
         words = self._words
@@ -909,38 +490,6 @@ class ProcessPool(Pool):
                 cur = at.load(words, Rings.rec(p.slot) + L.W_CURRENT)
                 n += len(p.inflight) - (1 if cur == p.inflight[0].seq else 0)
         return n
-
-
-def _describe_fn(fn: Any) -> str:
-    from .base import _describe
-
-    return _describe(fn)
-
-
-def _release_spill(task: _Task) -> None:
-    seg, task.spill = task.spill, None
-    if seg is not None:
-        seg.unlink()
-        seg.close()
-
-
-def _load_error(flags: int, payload: bytes) -> BaseException:
-    if flags & L.SF_SPILL:
-        payload = unspill(payload)
-    try:
-        return load_exception(payload)
-    except Exception as e:  # pragma: no cover - the exception type is not importable here
-        err = RuntimeError(f"a worker raised an exception that cannot be unpickled here: {e}")
-        err.__cause__ = RemoteTraceback(str(e))
-        return err
-
-
-def _rss(pid: int) -> int | None:
-    try:
-        with open(f"/proc/{pid}/statm", "rb") as f:
-            return int(f.read().split()[1]) * _PAGE
-    except (OSError, ValueError, IndexError):
-        return None
 
 
 def _shutdown_at_exit(ref: weakref.ReferenceType[ProcessPool]) -> None:
