@@ -197,6 +197,16 @@ def _array_section(b: _Bench, pools: dict[str, Any], section: str, n: int) -> No
             )
             so.array[:] = 0
 
+    # Threads need no shared memory: the caller's NumPy arrays (which, unlike /dev/shm
+    # segments, can get transparent huge pages) work as they are.
+    b.measure(
+        section,
+        "shmcompute thread (NumPy arrays)",
+        "shmcompute",
+        functools.partial(transform, kernel, x, out=out, pool=pools["shm-thread"]),
+        same,
+        n,
+    )
     parts = _chunks(n, 4 * w)
 
     def tpe_run() -> None:
