@@ -15,6 +15,8 @@ import numpy as np
 
 import shmcompute as shc
 from shmcompute.array import PREFIX, SHM_DIR
+from shmcompute.bench import _cpu_name as cpu_model
+from shmcompute.pool.sizing import usable_cores
 
 SCALE_ENV = "SHMCOMPUTE_NB_SCALE"
 # Helper processes multiprocessing (and loky) keep for the whole session, not leaks.
@@ -31,21 +33,6 @@ def scale() -> float:
     if not value > 0:
         raise ValueError(f"{SCALE_ENV} must be > 0, got {text!r}")
     return value
-
-
-def usable_cores() -> int:
-    return len(os.sched_getaffinity(0))
-
-
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def machine() -> str:

@@ -587,44 +587,14 @@ def _run_shared(
             else:
                 # The caller runs driver 0 itself (it would only wait otherwise): a
                 # one-chunk job never touches the pool, and no task pays a wake-up.
-                futures = [
-                    pool.submit(
-                        drive,
-                        kind,
-                        kernel,
-                        name,
-                        rt,
-                        ctrl,
-                        t,
-                        order,
-                        tuple(arrays),
-                        out_arr,
-                        n,
-                        chunk,
-                        nchunks,
-                        overlap,
-                    )
-                    for t in range(1, ntasks)
-                ]
+                run = functools.partial(drive, kind, kernel, name, rt, ctrl)
+                rest = (order, tuple(arrays), out_arr, n, chunk, nchunks, overlap)
+                futures = [pool.submit(run, t, *rest) for t in range(1, ntasks)]
                 every_future += futures
                 for t, f in enumerate(futures, start=1):
                     f.add_done_callback(functools.partial(_count_out, ctrl, t))
                 try:
-                    drive(
-                        kind,
-                        kernel,
-                        name,
-                        rt,
-                        ctrl,
-                        0,
-                        order,
-                        tuple(arrays),
-                        out_arr,
-                        n,
-                        chunk,
-                        nchunks,
-                        overlap,
-                    )
+                    run(0, *rest)
                 except BaseException:
                     for f in futures:  # stopped by the STOP flag; wait for them to leave
                         f.exception(

@@ -97,6 +97,13 @@ def count_and_wait(counter: Any, gate: Event, timeout: float = 30.0) -> int:
     return n
 
 
+def pid_count_and_wait(counter: Any, gate: Event, timeout: float = 30.0) -> int:
+    """Store this process's pid in counter[1], then as ``count_and_wait``."""
+    arr = counter.array if isinstance(counter, SharedArray) else _attach(counter)
+    at.store(arr, 1, os.getpid())
+    return count_and_wait(counter, gate, timeout)
+
+
 def crash_first_time(counter: Any, value: int) -> int:
     """Die (os._exit) on the first call across all processes; return value after."""
     if count(counter) == 1:

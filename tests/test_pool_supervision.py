@@ -52,13 +52,12 @@ def _still_usable(pool: Pool) -> None:
 
 def _kill_busy_worker(pool: Pool, counter: shc.SharedArray, sig: int) -> Any:
     gate = Event()
-    fut = pool.submit(T.count_and_wait, counter, gate)
+    fut = pool.submit(T.pid_count_and_wait, counter, gate)
     wait_count(counter, 1)
-    (busy,) = [w for w in pool.stats.workers if w.state == "busy"]
-    assert busy.pid is not None
-    os.kill(busy.pid, sig)
+    pid = int(counter.array[1])  # the worker running it (others may be busy too)
+    os.kill(pid, sig)
     try:
-        return fut.exception(WAIT), busy.pid
+        return fut.exception(WAIT), pid
     finally:
         gate.set()
         gate.close()

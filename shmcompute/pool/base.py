@@ -232,6 +232,13 @@ def _check_timeout(name: str, value: Any) -> float | None:
     return float(value)
 
 
+def _check_spin(value: Any) -> int:
+    """The ``spin`` argument (seconds) as nanoseconds."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 0.01:
+        raise ArgumentError(f"spin must be seconds in [0, 0.01], got {value!r}")
+    return int(value * 1e9)
+
+
 def _check_retries(value: Any) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
         raise ArgumentTypeError(f"retries must be an int, got {type(value).__name__}")

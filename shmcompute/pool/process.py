@@ -57,6 +57,7 @@ from .base import (
     CLOSED,
     RUNNING,
     PoolStats,
+    _check_spin,
     _check_timeout,
     _describe,
     _PrepareFailed,
@@ -68,17 +69,6 @@ from .worker import WorkerSpec
 from .worker import main as _worker_main
 
 _PROTOCOL = pickle.HIGHEST_PROTOCOL
-_STATE_NAMES = {
-    L.WS_EMPTY: "starting",
-    L.WS_STARTING: "starting",
-    L.WS_IDLE: "idle",
-    L.WS_BUSY: "busy",
-    L.WS_EXITING: "exiting",
-    L.WS_INIT_FAILED: "exiting",
-}
-_INIT_FAILURES_BEFORE_GIVING_UP = 3
-_STOP_GRACE = 5.0  # seconds a stopping worker gets before terminate, then kill
-_PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 _PRELOAD = ["numpy", "numba", "shmcompute.atomics", "shmcompute.pool.worker"]
 
 
@@ -157,9 +147,7 @@ class ProcessPool(Supervision):
         self._heartbeat = hb
         self._stall_timeout = _check_timeout("stall_timeout", stall_timeout)
         self._replace_stalled = bool(replace_stalled)
-        if isinstance(spin, bool) or not isinstance(spin, (int, float)) or not 0 <= spin <= 0.01:
-            raise ArgumentError(f"spin must be seconds in [0, 0.01], got {spin!r}")
-        self._spin_ns = int(spin * 1e9)
+        self._spin_ns = _check_spin(spin)
         self._cores = usable_cores()
         if mp_context is None:
             mp_context = _forkserver_context()

@@ -38,6 +38,7 @@ from .base import (
     Pool,
     PoolStats,
     WorkerHealth,
+    _check_spin,
     _describe,
     _Task,
 )
@@ -131,9 +132,7 @@ class ThreadPool(Pool):
         )
         if not isinstance(thread_name_prefix, str):
             raise ArgumentError("thread_name_prefix must be a str")
-        if isinstance(spin, bool) or not isinstance(spin, (int, float)) or not 0 <= spin <= 0.01:
-            raise ArgumentError(f"spin must be seconds in [0, 0.01], got {spin!r}")
-        self._spin_ns = int(spin * 1e9)
+        self._spin_ns = _check_spin(spin)
         self._prefix = thread_name_prefix or f"shmcompute-thread-{id(self):x}"
         _spin.warm_up()
         # Room for replacements of abandoned and retiring workers; indices are reused.
