@@ -266,6 +266,19 @@ def test_task_timeout_fails_the_task_and_pool_stays_usable(
         gate.close()
 
 
+@pytest.mark.parametrize("chunksize", [1, 4])
+def test_options_map(make_pool: Callable[..., Pool], chunksize: int) -> None:
+    pool = make_pool()
+    opts = pool.options(timeout=WAIT, retries=1)
+    assert list(opts.map(T.add, range(10), range(10), chunksize=chunksize)) == [
+        2 * i for i in range(10)
+    ]
+    with pytest.raises(ValueError, match="bad"):
+        list(opts.map(T.raise_value, ["bad"], chunksize=chunksize))
+    with pytest.raises(ArgumentError, match="chunksize must be >= 1"):
+        opts.map(T.square, [1], chunksize=0)
+
+
 def test_options_validate(make_pool: Callable[..., Pool]) -> None:
     pool = make_pool(1)
     with pytest.raises(ArgumentError, match="timeout must be > 0"):

@@ -239,6 +239,14 @@ def _check_spin(value: Any) -> int:
     return int(value * 1e9)
 
 
+def _check_chunksize(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ArgumentTypeError(f"chunksize must be an int, got {type(value).__name__}")
+    if value < 1:
+        raise ArgumentError(f"chunksize must be >= 1, got {value}")
+    return value
+
+
 def _check_retries(value: Any) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
         raise ArgumentTypeError(f"retries must be an int, got {type(value).__name__}")
@@ -423,11 +431,7 @@ class Pool(Executor):
     ) -> Iterator[T]:
         """Like ``Executor.map``; ``chunksize > 1`` sends calls in batches (one task each),
         which cuts per-task overhead for many small calls."""
-        if isinstance(chunksize, bool) or not isinstance(chunksize, int):
-            raise ArgumentTypeError(f"chunksize must be an int, got {type(chunksize).__name__}")
-        if chunksize < 1:
-            raise ArgumentError(f"chunksize must be >= 1, got {chunksize}")
-        if chunksize == 1:
+        if _check_chunksize(chunksize) == 1:
             return super().map(fn, *iterables, timeout=timeout)
         batches = super().map(_Partial(fn), _chunks(iterables, chunksize), timeout=timeout)
         return _chain(batches)
@@ -716,10 +720,19 @@ class _Options:
         return await asyncio.wrap_future(self.submit(fn, *args, **kwargs))
 
     def map(
-        self, fn: Callable[..., T], *iterables: Iterable[Any], timeout: float | None = None
+        self,
+        fn: Callable[..., T],
+        *iterables: Iterable[Any],
+        timeout: float | None = None,
+        chunksize: int = 1,
     ) -> Iterator[T]:
-        futures = [self.submit(fn, *args) for args in zip(*iterables, strict=False)]
-        return _results_in_order(futures, timeout)
+        """``Pool.map`` with these options applied to every task (one per chunk)."""
+        chunksize = _check_chunksize(chunksize)
+        if chunksize == 1:
+            futures = [self.submit(fn, *args) for args in zip(*iterables, strict=False)]
+            return _results_in_order(futures, timeout)
+        batches = [self.submit(_Partial(fn), chunk) for chunk in _chunks(iterables, chunksize)]
+        return _chain(_results_in_order(batches, timeout))
 
 
 def _results_in_order(futures: list[Future[T]], timeout: float | None) -> Iterator[T]:
