@@ -16,6 +16,7 @@ import numpy as np
 import shmcompute as shc
 from shmcompute.array import PREFIX, SHM_DIR
 from shmcompute.bench import _cpu_name as cpu_model
+from shmcompute.bench import _time
 from shmcompute.pool.sizing import usable_cores
 
 SCALE_ENV = "SHMCOMPUTE_NB_SCALE"
@@ -51,17 +52,7 @@ def measure(
 ) -> np.ndarray:
     """Seconds per call, ``repeat`` timed calls after one untimed warm-up (compiles,
     starts workers, faults pages in). ``setup`` runs untimed before every call."""
-    if setup is not None:
-        setup()
-    fn()
-    times = []
-    for _ in range(repeat):
-        if setup is not None:
-            setup()
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return np.array(times)
+    return np.array(_time(fn, repeat, setup))
 
 
 def median(times: np.ndarray) -> float:
