@@ -266,6 +266,42 @@ def test_task_timeout_fails_the_task_and_pool_stays_usable(
         gate.close()
 
 
+def test_thread_timeout_is_not_missed_while_the_supervisor_checks_the_backlog(
+    counter: shc.SharedArray,
+) -> None:
+    # The thread pool's supervisor drops its lock while it checks the queue backlog. A
+    # task that starts then must still get its timeout: the notify it sends is not
+    # lost (it used to be, and the timeout then fired only at the next scan, up to a
+    # minute later).
+    gate = Event()
+    entered, proceed = threading.Event(), threading.Event()
+    armed = [False]
+    with ThreadPool(2) as pool:
+        check = pool._check_backlog
+
+        def slow_check(now: int) -> Any:
+            if armed[0]:
+                armed[0] = False
+                entered.set()
+                proceed.wait(WAIT)
+            return check(now)
+
+        pool._check_backlog = slow_check  # type: ignore[method-assign]
+        try:
+            armed[0] = True
+            first = pool.options(timeout=WAIT).submit(T.block, gate, WAIT)
+            assert entered.wait(WAIT)  # the supervisor is checking, without the lock
+            second = pool.options(timeout=0.3).submit(T.count_and_wait, counter, gate)
+            proceed.set()
+            with pytest.raises(TaskTimeoutError, match=r"timeout of 0\.3 s"):
+                second.result(timeout=10)  # not a concurrent TimeoutError after 10 s
+        finally:
+            proceed.set()
+            gate.set()
+        assert first.result(WAIT) is True
+    gate.close()
+
+
 @pytest.mark.parametrize("chunksize", [1, 4])
 def test_options_map(make_pool: Callable[..., Pool], chunksize: int) -> None:
     pool = make_pool()

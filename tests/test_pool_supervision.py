@@ -275,7 +275,9 @@ _DRAINING = textwrap.dedent(
     pool.drain_on_sigterm(timeout=30)
     futures = [pool.submit(T.sleep_for, 0.05) for _ in range(12)]
     for i, f in enumerate(futures):
-        f.add_done_callback(lambda f, i=i: print("done", i, f.result(), flush=True))
+        # One write per line: callbacks run in two worker threads at once, and print's
+        # separate writes of "done", i and the result interleave between them.
+        f.add_done_callback(lambda f, i=i: os.write(1, f"done {i} {f.result()}\\n".encode()))
     os.kill(os.getpid(), signal.SIGTERM)
     signal.pause()
     """

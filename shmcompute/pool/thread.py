@@ -145,7 +145,8 @@ class ThreadPool(Pool):
         self._idle: list[_Worker] = []
         self._init_failures = 0
         self._last_init_error: BaseException | None = None
-        self._wake = threading.Condition(self._lock)  # wakes the supervisor
+        self._wake = threading.Condition(self._lock)  # wakes the supervisor (_poke_locked)
+        self._pokes = 0
         with self._lock:
             for _ in range(self._max_workers):
                 self._start_worker_locked()
@@ -234,7 +235,7 @@ class ThreadPool(Pool):
         wk.task = task
         wk.started_ns = task.started_ns
         if task.timeout is not None:
-            self._wake.notify()
+            self._poke_locked()
         return True
 
     def _run_task(self, wk: _Worker, task: _Task) -> None:
@@ -288,7 +289,7 @@ class ThreadPool(Pool):
             self._free.append(wk.index)
         if replace and self._state != CLOSED:
             self._start_worker_locked()
-        self._wake.notify_all()
+        self._poke_locked()
 
     # --- submit ------------------------------------------------------------------------
     def _enqueue(self, task: _Task, prepared: Any) -> None:
@@ -309,7 +310,7 @@ class ThreadPool(Pool):
             return
         self._queue.append(task)
         if len(self._queue) == 1 and self._queue_warn_after is not None:
-            self._wake.notify()  # a backlog starts: the supervisor schedules the check
+            self._poke_locked()  # a backlog starts: the supervisor schedules the check
 
     def _spin_for(self, task: _Task) -> None:
         if self._spin_ns <= 0 or task.worker < 0:
@@ -328,6 +329,7 @@ class ThreadPool(Pool):
             while True:
                 if self._state == DRAINING and self._outstanding == 0:
                     break
+                pokes = self._pokes
                 now = time.monotonic_ns()
                 due = []
                 for wk in list(self._workers.values()):
@@ -348,7 +350,8 @@ class ThreadPool(Pool):
                     due.append(backlog)
                 if self._state == DRAINING and self._outstanding == 0:
                     break
-                self._wake.wait(max(0.001, min(due)) if due else 60.0)
+                if self._pokes == pokes:  # nothing changed while the lock was free
+                    self._wake.wait(max(0.001, min(due)) if due else 60.0)
             self._stop_locked()
 
     def _abandon_locked(self, wk: _Worker, task: _Task) -> None:
@@ -385,12 +388,19 @@ class ThreadPool(Pool):
 
     def _on_drained(self) -> None:
         if self._state == DRAINING:
-            self._wake.notify_all()
+            self._poke_locked()
 
     def _begin_shutdown(self) -> None:
         with self._lock:
             self._purge_cancelled_locked()
-            self._wake.notify_all()
+            self._poke_locked()
+
+    def _poke_locked(self) -> None:
+        """Make the supervisor look again. It drops the lock while it checks the backlog,
+        and a notify sent then would be lost (a task's timeout missed by up to a minute),
+        so it also compares this count before it waits."""
+        self._pokes += 1
+        self._wake.notify_all()
 
     def _purge_cancelled_locked(self) -> None:
         for task in [t for t in self._queue if t.future.cancelled()]:
