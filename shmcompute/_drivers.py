@@ -1,17 +1,26 @@
 """Compiled driver loops: workers claim chunks with an atomic fetch-add and run the
 user's kernel on each, without the GIL and without Python between chunks.
 
-The kernel arrives as a first-class function (``numba.types.FunctionType``): each
-driver is compiled once per *type signature*, never per kernel, so it is cached on disk
-and loads in every worker process in milliseconds. (Typed as a ``Dispatcher`` instead, a
+The kernel arrives as a bare address plus its function type (``kref``, a
+``TypeRef`` of a ``numba.types.FunctionType``, which costs nothing to pass): each driver
+is compiled once per *type signature*, never per kernel, so it is cached on disk and
+loads in every worker process in milliseconds. (Typed as a ``Dispatcher`` instead, a
 driver would be recompiled for each kernel in each process: the type names the kernel
-object, so the disk cache never hits.)
+object, so the disk cache never hits. Passed as a first-class function object, unboxing
+it calls back into Python twice, ~3 us, and typing it ~6 us more: more than a small
+job's kernel.)
 
 Job control words (int64)::
 
     J_CLAIM    next position in the work list (fetch-add by every driver)
     J_DONE     chunks finished (the caller's progress bar reads it)
-    J_EXITED   driver tasks that have left; the last one wakes the caller (notify)
+    J_EXITED   driver tasks that have left
+    J_TARGET   the value of J_DONE at which this attempt's work list is done
+    J_NTASKS   driver tasks in this attempt
+    J_BELL     the caller waits on it; rung when J_DONE reaches J_TARGET (the output is
+               complete: the caller returns without waiting for tasks that have not
+               even started) and when the last task leaves (a failure: the caller
+               waits for every task before it looks at what went wrong)
     J_TASK+t   chunk that driver task t is running, -1 between chunks: names the chunk
                in an error and tells a crash which chunk it lost
     J_EXIT+t   1 once task t was counted in J_EXITED (by itself, or by the caller when
@@ -26,7 +35,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from numba import njit
+from llvmlite import ir
+from numba import njit, types
+from numba.core import cgutils
+from numba.extending import intrinsic
 
 from . import atomics as at
 
@@ -34,6 +46,9 @@ J_CLAIM = 0
 J_DONE = 1
 J_EXITED = 2  # driver tasks that have left (the caller waits on it)
 J_SCRATCH = 3  # bumped by the caller's spin (it marks "GIL released"; unused here)
+J_TARGET = 4
+J_NTASKS = 5
+J_BELL = 6
 J_TASK = 8  # per driver task
 MAX_TASKS = 256
 J_EXIT = J_TASK + MAX_TASKS  # per driver task: 1 once counted in J_EXITED
@@ -45,19 +60,56 @@ def ctrl_words(nchunks: int) -> int:
     return J_FLAGS + nchunks
 
 
+@intrinsic
+def kernel_at(typingctx, kref, kaddr):  # type: ignore[no-untyped-def]
+    """The compiled kernel at address ``kaddr`` (its C wrapper), as a value of the
+    function type ``kref`` names. The caller vouches that the two match (``_jobs.plan``
+    takes both from the same compile result)."""
+    if not isinstance(kref, types.TypeRef) or not isinstance(kaddr, types.Integer):
+        return None
+    if not isinstance(kref.instance_type, types.FunctionType):
+        return None
+    fty = kref.instance_type
+
+    def codegen(context, builder, sig, args):  # type: ignore[no-untyped-def]
+        fn = cgutils.create_struct_proxy(fty)(context, builder)
+        voidptr = ir.IntType(8).as_pointer()
+        fn.c_addr = builder.inttoptr(args[1], voidptr)
+        fn.py_addr = ir.Constant(voidptr, None)  # no Python object behind it
+        fn.jit_addr = ir.Constant(voidptr, None)  # call through the C wrapper
+        return fn._getvalue()
+
+    return fty(kref, kaddr), codegen
+
+
+@njit(nogil=True, cache=True, inline="always")
+def ring(ctrl):  # type: ignore[no-untyped-def]
+    at.add(ctrl, J_BELL, 1)
+    at.notify(ctrl, J_BELL)
+
+
+@njit(nogil=True, cache=True, inline="always")
+def finished(ctrl, i):  # type: ignore[no-untyped-def]
+    """Chunk ``i`` is written: flag it, count it, and ring when it was the last."""
+    at.store(ctrl, J_FLAGS + i, 1)
+    if at.add(ctrl, J_DONE, 1) + 1 == at.load(ctrl, J_TARGET):
+        ring(ctrl)
+
+
 @njit(nogil=True, cache=True, inline="always")
 def left(ctrl, t):  # type: ignore[no-untyped-def]
-    """Count driver ``t`` out, once, and wake the caller when it was the last. The
-    caller counts a task out the same way when its future fails (a crash): whoever
-    comes first, through the exchange, counts it."""
+    """Count driver ``t`` out, once, and ring when it was the last. The caller counts a
+    task out the same way when its future fails (a crash) or when the task found the
+    job already done: whoever comes first, through the exchange, counts it."""
     if at.exchange(ctrl, J_EXIT + t, 1) == 0:
-        at.add(ctrl, J_EXITED, 1)
-        at.notify(ctrl, J_EXITED)
+        if at.add(ctrl, J_EXITED, 1) + 1 >= at.load(ctrl, J_NTASKS):
+            ring(ctrl)
 
 
 # One driver per (kind, number of inputs); Numba needs fixed arity. They are written out
 # rather than generated: generated source has no file, and so no disk cache.
-def map1(kernel, ctrl, t, order, a, out, n, chunk, nchunks):  # type: ignore[no-untyped-def]
+def map1(kref, kaddr, ctrl, t, order, a, out, n, chunk, nchunks):  # type: ignore[no-untyped-def]
+    kernel = kernel_at(kref, kaddr)
     nwork = order.shape[0] if order.shape[0] > 0 else nchunks
     while True:
         j = at.add(ctrl, J_CLAIM, 1)
@@ -68,14 +120,14 @@ def map1(kernel, ctrl, t, order, a, out, n, chunk, nchunks):  # type: ignore[no-
         lo = i * chunk
         hi = min(lo + chunk, n)
         kernel(a[lo:hi], out[lo:hi])
-        at.store(ctrl, J_FLAGS + i, 1)
-        at.add(ctrl, J_DONE, 1)
+        finished(ctrl, i)
     at.store(ctrl, J_TASK + t, -1)
     left(ctrl, t)
     return 0
 
 
-def map2(kernel, ctrl, t, order, a, b, out, n, chunk, nchunks):  # type: ignore[no-untyped-def]
+def map2(kref, kaddr, ctrl, t, order, a, b, out, n, chunk, nchunks):  # type: ignore[no-untyped-def]
+    kernel = kernel_at(kref, kaddr)
     nwork = order.shape[0] if order.shape[0] > 0 else nchunks
     while True:
         j = at.add(ctrl, J_CLAIM, 1)
@@ -86,14 +138,14 @@ def map2(kernel, ctrl, t, order, a, b, out, n, chunk, nchunks):  # type: ignore[
         lo = i * chunk
         hi = min(lo + chunk, n)
         kernel(a[lo:hi], b[lo:hi], out[lo:hi])
-        at.store(ctrl, J_FLAGS + i, 1)
-        at.add(ctrl, J_DONE, 1)
+        finished(ctrl, i)
     at.store(ctrl, J_TASK + t, -1)
     left(ctrl, t)
     return 0
 
 
-def map3(kernel, ctrl, t, order, a, b, c, out, n, chunk, nchunks):  # type: ignore[no-untyped-def]
+def map3(kref, kaddr, ctrl, t, order, a, b, c, out, n, chunk, nchunks):  # type: ignore[no-untyped-def]
+    kernel = kernel_at(kref, kaddr)
     nwork = order.shape[0] if order.shape[0] > 0 else nchunks
     while True:
         j = at.add(ctrl, J_CLAIM, 1)
@@ -104,14 +156,14 @@ def map3(kernel, ctrl, t, order, a, b, c, out, n, chunk, nchunks):  # type: igno
         lo = i * chunk
         hi = min(lo + chunk, n)
         kernel(a[lo:hi], b[lo:hi], c[lo:hi], out[lo:hi])
-        at.store(ctrl, J_FLAGS + i, 1)
-        at.add(ctrl, J_DONE, 1)
+        finished(ctrl, i)
     at.store(ctrl, J_TASK + t, -1)
     left(ctrl, t)
     return 0
 
 
-def halo1(kernel, ctrl, t, order, a, out, n, chunk, nchunks, k):  # type: ignore[no-untyped-def]
+def halo1(kref, kaddr, ctrl, t, order, a, out, n, chunk, nchunks, k):  # type: ignore[no-untyped-def]
+    kernel = kernel_at(kref, kaddr)
     nwork = order.shape[0] if order.shape[0] > 0 else nchunks
     while True:
         j = at.add(ctrl, J_CLAIM, 1)
@@ -123,14 +175,14 @@ def halo1(kernel, ctrl, t, order, a, out, n, chunk, nchunks, k):  # type: ignore
         hi = min(lo + chunk, n)
         s = max(lo - k, 0)
         kernel(a[s : min(hi + k, n)], out[lo:hi], lo - s)
-        at.store(ctrl, J_FLAGS + i, 1)
-        at.add(ctrl, J_DONE, 1)
+        finished(ctrl, i)
     at.store(ctrl, J_TASK + t, -1)
     left(ctrl, t)
     return 0
 
 
-def halo2(kernel, ctrl, t, order, a, b, out, n, chunk, nchunks, k):  # type: ignore[no-untyped-def]
+def halo2(kref, kaddr, ctrl, t, order, a, b, out, n, chunk, nchunks, k):  # type: ignore[no-untyped-def]
+    kernel = kernel_at(kref, kaddr)
     nwork = order.shape[0] if order.shape[0] > 0 else nchunks
     while True:
         j = at.add(ctrl, J_CLAIM, 1)
@@ -143,14 +195,14 @@ def halo2(kernel, ctrl, t, order, a, b, out, n, chunk, nchunks, k):  # type: ign
         s = max(lo - k, 0)
         e = min(hi + k, n)
         kernel(a[s:e], b[s:e], out[lo:hi], lo - s)
-        at.store(ctrl, J_FLAGS + i, 1)
-        at.add(ctrl, J_DONE, 1)
+        finished(ctrl, i)
     at.store(ctrl, J_TASK + t, -1)
     left(ctrl, t)
     return 0
 
 
-def reduce1(kernel, ctrl, t, order, a, parts, n, chunk, nchunks):  # type: ignore[no-untyped-def]
+def reduce1(kref, kaddr, ctrl, t, order, a, parts, n, chunk, nchunks):  # type: ignore[no-untyped-def]
+    kernel = kernel_at(kref, kaddr)
     nwork = order.shape[0] if order.shape[0] > 0 else nchunks
     while True:
         j = at.add(ctrl, J_CLAIM, 1)
@@ -161,14 +213,14 @@ def reduce1(kernel, ctrl, t, order, a, parts, n, chunk, nchunks):  # type: ignor
         lo = i * chunk
         hi = min(lo + chunk, n)
         parts[i] = kernel(a[lo:hi])
-        at.store(ctrl, J_FLAGS + i, 1)
-        at.add(ctrl, J_DONE, 1)
+        finished(ctrl, i)
     at.store(ctrl, J_TASK + t, -1)
     left(ctrl, t)
     return 0
 
 
-def reduce2(kernel, ctrl, t, order, a, b, parts, n, chunk, nchunks):  # type: ignore[no-untyped-def]
+def reduce2(kref, kaddr, ctrl, t, order, a, b, parts, n, chunk, nchunks):  # type: ignore[no-untyped-def]
+    kernel = kernel_at(kref, kaddr)
     nwork = order.shape[0] if order.shape[0] > 0 else nchunks
     while True:
         j = at.add(ctrl, J_CLAIM, 1)
@@ -179,14 +231,14 @@ def reduce2(kernel, ctrl, t, order, a, b, parts, n, chunk, nchunks):  # type: ig
         lo = i * chunk
         hi = min(lo + chunk, n)
         parts[i] = kernel(a[lo:hi], b[lo:hi])
-        at.store(ctrl, J_FLAGS + i, 1)
-        at.add(ctrl, J_DONE, 1)
+        finished(ctrl, i)
     at.store(ctrl, J_TASK + t, -1)
     left(ctrl, t)
     return 0
 
 
-def reduce3(kernel, ctrl, t, order, a, b, c, parts, n, chunk, nchunks):  # type: ignore[no-untyped-def]
+def reduce3(kref, kaddr, ctrl, t, order, a, b, c, parts, n, chunk, nchunks):  # type: ignore[no-untyped-def]
+    kernel = kernel_at(kref, kaddr)
     nwork = order.shape[0] if order.shape[0] > 0 else nchunks
     while True:
         j = at.add(ctrl, J_CLAIM, 1)
@@ -197,8 +249,7 @@ def reduce3(kernel, ctrl, t, order, a, b, c, parts, n, chunk, nchunks):  # type:
         lo = i * chunk
         hi = min(lo + chunk, n)
         parts[i] = kernel(a[lo:hi], b[lo:hi], c[lo:hi])
-        at.store(ctrl, J_FLAGS + i, 1)
-        at.add(ctrl, J_DONE, 1)
+        finished(ctrl, i)
     at.store(ctrl, J_TASK + t, -1)
     left(ctrl, t)
     return 0
@@ -221,11 +272,13 @@ _compiled: dict[tuple[Any, ...], Any] = {}
 
 def driver(kind: str, arity: int, signature: tuple[Any, ...]) -> Any:
     """The driver for ``kind``/``arity`` compiled for exactly ``signature`` (loaded from
-    the disk cache after the first time on this machine). A dispatcher with an explicit
-    signature never compiles another one, so a kernel passed to it is unboxed as the
-    signature's function type (a function pointer)."""
+    the disk cache after the first time on this machine), as its compiled entry point:
+    called directly, it skips the dispatcher's typing of nine arguments (~1 us). The
+    caller must pass arguments of exactly these types (``_jobs.plan`` keys on them)."""
     key = (kind, arity, signature)
-    d = _compiled.get(key)
-    if d is None:
-        d = _compiled[key] = njit(signature, nogil=True, cache=True)(PY_DRIVERS[kind, arity])
-    return d
+    hit = _compiled.get(key)
+    if hit is None:
+        d = njit(signature, nogil=True, cache=True)(PY_DRIVERS[kind, arity])
+        # The dispatcher stays referenced: it owns the code the entry point runs.
+        hit = _compiled[key] = (d, d.overloads[d.signatures[0]].entry_point)
+    return hit[1]

@@ -19,7 +19,6 @@ import numba
 import numpy as np
 from numba import types
 from numba.core.registry import CPUDispatcher
-from numba.core.typing.typeof import typeof_impl
 
 from . import _drivers as D
 from . import atomics as at
@@ -148,15 +147,19 @@ def kernel_rt(kind: str, kernel: Any, arrays: Sequence[np.ndarray], out: Any) ->
 def signature(
     kind: str, rt: Any, in_types: tuple[Any, ...], out_type: Any, ctrl_type: Any, order_type: Any
 ) -> tuple[Any, ...]:
+    """The driver's signature: the kernel's function type (as a TypeRef) and address,
+    then the job's arguments."""
     i64 = types.int64
     if kind == "map":
         fty = types.FunctionType(types.none(*in_types, out_type))
-        return (fty, ctrl_type, i64, order_type, *in_types, out_type, i64, i64, i64)
-    if kind == "halo":
+        tail: tuple[Any, ...] = (i64, i64, i64)
+    elif kind == "halo":
         fty = types.FunctionType(types.none(*in_types, out_type, i64))
-        return (fty, ctrl_type, i64, order_type, *in_types, out_type, i64, i64, i64, i64)
-    fty = types.FunctionType(rt(*in_types))
-    return (fty, ctrl_type, i64, order_type, *in_types, out_type, i64, i64, i64)
+        tail = (i64, i64, i64, i64)
+    else:
+        fty = types.FunctionType(rt(*in_types))
+        tail = (i64, i64, i64)
+    return (types.TypeRef(fty), types.intp, ctrl_type, i64, order_type, *in_types, out_type, *tail)
 
 
 # --- one driver task ---------------------------------------------------------------------------
@@ -215,27 +218,22 @@ def view(h: SharedArrayHandle) -> np.ndarray:
 
 def run_task(job: Job, t: int) -> int:
     """Process-worker entry: attach by handle, run the compiled driver."""
-    kernel = resolve(job.kernel)
     ctrl = view(job.ctrl)
+    nwork = job.order.shape[0] if job.order is not None else job.nchunks
+    if at.load(ctrl, D.J_CLAIM) >= nwork:
+        # The other tasks did every chunk (or were stopped) before this one started:
+        # leave without attaching anything. The caller counts this task out when its
+        # result arrives; the arena stays the job's until then.
+        return 0
+    kernel = resolve(job.kernel)
     order = view(job.order) if job.order is not None else NO_ORDER
     ins = tuple(view(h) for h in job.inputs)
     out = view(job.out)
     rt = kernel_rt(job.kind, kernel, ins, out if job.kind != "reduce" else None)
+    p = plan(job.kind, kernel, rt, ctrl, order, ins, out)
     try:
         return drive(
-            job.kind,
-            kernel,
-            job.kernel.name,
-            rt,
-            ctrl,
-            t,
-            order,
-            ins,
-            out,
-            job.n,
-            job.chunk,
-            job.nchunks,
-            job.overlap,
+            p, job.kernel.name, ctrl, t, order, ins, out, job.n, job.chunk, job.nchunks, job.overlap
         )
     finally:
         if not job.keep:
@@ -248,40 +246,25 @@ def run_task(job: Job, t: int) -> int:
                     hit[0].close()
 
 
-class _KernelAddress(types.WrapperAddressProtocol):  # type: ignore[misc]
-    """A compiled kernel as a bare function pointer: unboxing it is reading an int,
-    where unboxing the dispatcher looks the compile result up on every call (~20 us)."""
+class Plan(NamedTuple):
+    """How to run a job's driver: built once per kernel and array types, then reused."""
 
-    def __init__(self, kernel: Any, sig: Any) -> None:
-        cres = kernel.get_compile_result(sig)
-        self._addr = cres.library.get_pointer_to_function(cres.fndesc.llvm_cfunc_wrapper_name)
-        self._sig = sig
-        self._type = types.FunctionType(sig)
-        self._kernel = kernel  # keeps the code alive as long as the address is used
-
-    def __wrapper_address__(self) -> int:
-        return int(self._addr)
-
-    def signature(self) -> Any:
-        return self._sig
-
-
-@typeof_impl.register(_KernelAddress)
-def _typeof_kernel_address(val: _KernelAddress, c: Any) -> Any:
-    # The generic path for WrapperAddressProtocol objects rebuilds the function type on
-    # every call (~6 us, more than a small job's kernel); ours is built once.
-    return val._type
-
-
-_plans: dict[tuple[Any, ...], tuple[Any, Any]] = {}
+    run: Any  # the driver's compiled entry point (see _drivers.driver)
+    kref: Any  # TypeRef of the kernel's function type
+    kaddr: int  # address of the kernel's compiled C wrapper
+    kernel: Any  # the dispatcher: keeps the code at kaddr alive while the plan is used
 
 
 def array_key(a: np.ndarray) -> tuple[Any, ...]:
+    """Everything ``numba.typeof`` reads from an array (its type is a function of this)."""
     f = a.flags
-    return (a.dtype.str, a.ndim, f.c_contiguous, f.writeable, f.aligned)
+    return (a.dtype.str, a.ndim, f.c_contiguous, f.f_contiguous, f.writeable, f.aligned)
 
 
-def _plan(
+_plans: dict[tuple[Any, ...], Plan] = {}
+
+
+def plan(
     kind: str,
     kernel: Any,
     rt: Any,
@@ -289,22 +272,25 @@ def _plan(
     order: np.ndarray,
     ins: tuple[np.ndarray, ...],
     out: np.ndarray,
-) -> tuple[Any, Any]:
+) -> Plan:
     """The compiled driver and the kernel's address for these array types, cached: the
-    Numba types are built once per combination, not per call (~60 us)."""
+    Numba types are built once per combination, not per call (~60 us). The driver's
+    entry point does not check its arguments' types, so the key holds everything the
+    types are made of."""
     key = (kind, id(kernel), *(array_key(a) for a in (ctrl, order, *ins, out)))
-    plan = _plans.get(key)
-    if plan is None or plan[1]._kernel is not kernel:
+    hit = _plans.get(key)
+    if hit is None or hit.kernel is not kernel:
         in_types = tuple(numba.typeof(a) for a in ins)
         sig = signature(
             kind, rt, in_types, numba.typeof(out), numba.typeof(ctrl), numba.typeof(order)
         )
-        kernel.compile(sig[0].signature.args)  # a no-op when already compiled or cached
-        plan = _plans[key] = (
-            D.driver(kind, len(ins), sig),
-            _KernelAddress(kernel, sig[0].signature),
-        )
-    return plan
+        kref = sig[0]
+        ksig = kref.instance_type.signature
+        kernel.compile(ksig.args)  # a no-op when already compiled or cached
+        cres = kernel.get_compile_result(ksig)
+        kaddr = cres.library.get_pointer_to_function(cres.fndesc.llvm_cfunc_wrapper_name)
+        hit = _plans[key] = Plan(D.driver(kind, len(ins), sig), kref, int(kaddr), kernel)
+    return hit
 
 
 # A kernel called through a function pointer cannot hand an exception back to the
@@ -336,10 +322,8 @@ def _route_unraisable() -> None:
 
 
 def drive(
-    kind: str,
-    kernel: Any,
+    p: Plan,
     name: str,
-    rt: Any,
     ctrl: np.ndarray,
     t: int,
     order: np.ndarray,
@@ -351,14 +335,13 @@ def drive(
     overlap: int,
 ) -> int:
     """Run the driver loop in this thread (both backends end here)."""
-    drv, fn = _plan(kind, kernel, rt, ctrl, order, ins, out)
     _route_unraisable()
     _tls.job = (None, ctrl, t)
     try:
-        if kind == "halo":
-            drv(fn, ctrl, t, order, *ins, out, n, chunk, nchunks, overlap)
+        if overlap:
+            p.run(p.kref, p.kaddr, ctrl, t, order, *ins, out, n, chunk, nchunks, overlap)
         else:
-            drv(fn, ctrl, t, order, *ins, out, n, chunk, nchunks)
+            p.run(p.kref, p.kaddr, ctrl, t, order, *ins, out, n, chunk, nchunks)
     finally:
         job, _tls.job = _tls.job, None
     error = job[0]

@@ -30,8 +30,10 @@ from shmcompute.errors import (
     WorkerCrashedError,
 )
 from shmcompute.pool import Pool
+from shmcompute.sync import Event
 from shmcompute.transform import default_chunk_size, reduce, transform
 from tests import _kernels as K
+from tests import _pool_tasks as T
 
 MODES = ["share", "copy", "transfer"]
 
@@ -39,8 +41,8 @@ MODES = ["share", "copy", "transfer"]
 @pytest.fixture(scope="module", params=["thread", "process"])
 def pool(request: pytest.FixtureRequest) -> Iterator[Pool]:
     p = Pool(2, backend=request.param)
-    # Creates the pool's job arena (a segment it keeps until shutdown) before any test's
-    # leak snapshot.
+    # Creates the pool's two job arenas (segments it keeps until shutdown) before any
+    # test's leak snapshot.
     transform(K.affine, np.arange(4.0), out=np.empty(4), pool=p)
     yield p
     p.shutdown(wait=True, timeout=30)
@@ -216,7 +218,11 @@ def test_hypothesis_shapes_and_chunks(
 
 def test_default_chunk_size_rule() -> None:
     assert default_chunk_size(1000, 8, 2) == 8192  # small: one chunk (64 KiB floor)
-    assert default_chunk_size(16_000_000, 8, 2) == 2_000_000  # 4 chunks per worker
+    assert default_chunk_size(1_000_000, 8, 2) == 31_250  # 16 chunks per worker
+    assert default_chunk_size(16_000_000, 8, 2) == 131_072  # large: 1 MiB chunks
+    assert default_chunk_size(4000, 4000 * 8, 2) == 32  # an image: 1 MiB of rows
+    assert default_chunk_size(10**6, 10**6, 2) == 1  # a row over 1 MiB: one per chunk
+    assert default_chunk_size(4000, 4000 * 8, 2, overlap=10) == 80  # >= 8 halos
     assert default_chunk_size(0, 8, 4) >= 1
 
 
@@ -376,6 +382,52 @@ def test_kernel_error_names_kernel_and_chunk(pool: Pool, mode: str) -> None:
     out = np.empty_like(x)
     transform(K.affine, x, out=out, pool=pool)  # the pool is still usable
     np.testing.assert_allclose(out, _affine_ref(x))
+
+
+# --- scheduling: the output is complete when its last chunk is written --------------------------
+def test_caller_does_not_wait_for_tasks_that_never_started() -> None:
+    # Both workers are busy, so the job's worker tasks queue behind them; the caller runs
+    # driver 0 itself and writes every chunk. It returns then, not when the queued tasks
+    # get a worker (they start later, find nothing to claim, and leave).
+    gate = Event()
+    x = np.arange(50_000.0)
+    with Pool(2, backend="thread") as pool:
+        blockers = [pool.submit(T.block, gate, 30.0) for _ in range(2)]
+        try:
+            out = np.empty_like(x)
+            transform(K.affine, x, out=out, pool=pool, chunk_size=1000, timeout=30)
+            np.testing.assert_allclose(out, _affine_ref(x))
+            assert not any(b.done() for b in blockers)  # it did not wait for them
+        finally:
+            gate.set()
+        assert all(b.result(timeout=30) for b in blockers)
+        for _ in range(3):  # the arenas come back; the stragglers left cleanly
+            out2 = np.empty_like(x)
+            transform(K.affine, x, out=out2, pool=pool, chunk_size=1000, timeout=30)
+            np.testing.assert_allclose(out2, _affine_ref(x))
+        pool.shutdown(wait=True, timeout=30)
+        assert pool.stats.failed == 0
+    gate.close()
+
+
+def test_a_late_process_task_leaves_without_attaching() -> None:
+    # A process task that starts after the others did every chunk returns at once: it
+    # must not attach the job's arrays (the caller may have freed them by then).
+    from shmcompute import _drivers as D
+    from shmcompute._jobs import Job, kernel_ref, run_task
+
+    with Pool(1, backend="process") as pool, shc.zeros(D.ctrl_words(4), np.int64) as ctrl:
+        ctrl.array[D.J_CLAIM] = 4  # every chunk claimed
+        gone = shc.zeros(4, np.float64)
+        handle = gone.handle
+        gone.unlink()
+        gone.close()
+        ref = kernel_ref(K.affine)
+        job = Job("map", ref, ctrl.handle, None, (handle,), handle, 4, 1, 4, 0, True)
+        assert pool.submit(run_task, job, 0).result(timeout=60) == 0
+        ctrl.array[D.J_CLAIM] = 3  # one chunk left: now it must attach, and cannot
+        with pytest.raises(FileNotFoundError):
+            pool.submit(run_task, job, 0).result(timeout=60)
 
 
 # --- a worker crash mid-job --------------------------------------------------------------------
