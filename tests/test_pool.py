@@ -302,6 +302,42 @@ def test_thread_timeout_is_not_missed_while_the_supervisor_checks_the_backlog(
     gate.close()
 
 
+def test_dispatch_never_overfills_a_worker_ring() -> None:
+    # A worker whose results are published but not yet collected is free for more
+    # tasks, but each uncollected result still holds a slot of its result ring: a
+    # burst must never leave more than RING_SLOTS tasks outstanding on one worker (it
+    # once did, results were overwritten, and the pool wedged). Here nothing collects
+    # while the burst is submitted.
+    from shmcompute import _layout as L
+    from shmcompute import atomics as at
+    from shmcompute.pool._ring import Rings
+
+    with ProcessPool(1) as pool:
+        assert pool.submit(T.square, 2).result(WAIT) == 4
+        (proc,) = pool._procs.values()
+        tail_i = Rings.rec(proc.slot) + L.W_RES_TAIL
+        collect = pool._collect_all
+        futures = []
+        with pool._collecting():  # workers leave the collector thread asleep
+            pool._collect_all = lambda: False  # type: ignore[method-assign]
+            try:
+                for i in range(3 * L.RING_SLOTS):
+                    futures.append(pool.submit(T.square, i))
+                    assert len(proc.inflight) <= L.RING_SLOTS
+                    # Let the worker publish all it has (bounded): its results then
+                    # count as done, and the next submit may dispatch again.
+                    deadline = time.monotonic() + WAIT
+                    while (
+                        at.load(pool._words, tail_i) - proc.res_head < len(proc.inflight)
+                        and time.monotonic() < deadline
+                    ):
+                        time.sleep(0.0005)
+                assert len(proc.inflight) == L.RING_SLOTS  # the rest wait in the queue
+            finally:
+                pool._collect_all = collect  # type: ignore[method-assign]
+        assert [f.result(WAIT) for f in futures] == [i * i for i in range(3 * L.RING_SLOTS)]
+
+
 @pytest.mark.parametrize("chunksize", [1, 4])
 def test_options_map(make_pool: Callable[..., Pool], chunksize: int) -> None:
     pool = make_pool()

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import itertools
 import logging
 import os
@@ -345,6 +346,11 @@ class Pool(Executor):
         self._latencies = _Latencies()
         self._sigterm_installed = False
         self._close_callbacks: list[Callable[[], Any]] = []
+
+    def _collecting(self) -> contextlib.AbstractContextManager[None]:
+        """Around a caller's wait for results it collects itself (a transform's tasks);
+        the process backend uses it to keep its collector thread out of the way."""
+        return contextlib.nullcontext()
 
     def _on_close(self, callback: Callable[[], Any]) -> None:
         """Run ``callback`` when the pool releases its resources (shutdown)."""

@@ -39,7 +39,8 @@ import pickle
 import threading
 import time
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import numpy as np
@@ -329,6 +330,7 @@ class ProcessPool(Supervision):
                 p for p in self._procs.values() if not (p.retiring or p.reaped)
             ]
         cap = self._cap
+        words = self._words
         # Tiny tasks: pack them onto a worker that is already awake (it spins between
         # tasks), so the others stay asleep and no push pays for a wake-up. Longer
         # tasks: spread to the least loaded worker.
@@ -337,8 +339,17 @@ class ProcessPool(Supervision):
             best = None
             best_n = -1 if pack else cap
             for p in procs:
-                n = len(p.inflight)
-                if n >= cap or (self._max_tasks and p.sent >= self._max_tasks):
+                # A task whose result is published but not yet collected is done: its
+                # worker is free. (Counting it kept the next task of a back-to-back
+                # transform queued until the collector came round, and one worker did
+                # the whole job.) Uncollected results still hold result-ring slots,
+                # though: never more than RING_SLOTS tasks outstanding on a worker.
+                outstanding = len(p.inflight)
+                published = at.load(words, Rings.rec(p.slot) + L.W_RES_TAIL) - p.res_head
+                n = outstanding - published
+                if n >= cap or outstanding >= L.RING_SLOTS:
+                    continue
+                if self._max_tasks and p.sent >= self._max_tasks:
                     continue
                 if (n > best_n) if pack else (n < best_n):
                     best, best_n = p, n
@@ -440,6 +451,20 @@ class ProcessPool(Supervision):
             if self._stop_collector:
                 return
             at.wait(words, L.PC_RESULT_SEQ, seq, 1.0)
+
+    @contextmanager
+    def _collecting(self) -> Iterator[None]:
+        """For a caller that submits tasks and then collects their results itself (a
+        transform's driver tasks): meanwhile workers skip waking the collector thread,
+        which would only take the GIL from that caller just as its results arrive. Not
+        around a blocking ``result()``: that one relies on the collector."""
+        words = self._words
+        at.add(words, L.PC_SPINNERS, 1)
+        try:
+            yield
+        finally:
+            at.sub(words, L.PC_SPINNERS, 1)
+            self._collect_all()  # results published while workers skipped the notify
 
     def _spin_for(self, task: _Task) -> None:
         if self._spin_ns <= 0 or task.worker < 0 or self._state == CLOSED:
