@@ -74,6 +74,7 @@ from ._jobs import (
     kernel_name,
     kernel_ref,
     kernel_rt,
+    pack,
     plan,
     run_task,
 )
@@ -81,6 +82,7 @@ from .array import SharedArray
 from .errors import ArgumentError, ArgumentTypeError, TransformError, WorkerCrashedError
 from .modes import MODES, Progress, run_copy, take_ownership
 from .pool import Pool, _spin, pool_size
+from .pool.sizing import usable_cores
 
 __all__ = ["default_pool", "reduce", "transform"]
 
@@ -485,6 +487,7 @@ def _count_out(ctrl: np.ndarray, t: int, future: Any) -> None:
 
 
 _SPIN_NS = 100_000  # a short job ends within this: catch it spinning, without sleeping
+_CORES = usable_cores()
 
 
 def _complete(ctrl: np.ndarray) -> bool:
@@ -503,14 +506,23 @@ def _either(ctrl: np.ndarray) -> bool:
 
 
 def _wait_bell(
-    ctrl: np.ndarray, until: Callable[[np.ndarray], bool], deadline: float | None, bar: Any
+    ctrl: np.ndarray,
+    until: Callable[[np.ndarray], bool],
+    deadline: float | None,
+    bar: Any,
+    spin: Pool | None = None,
 ) -> None:
     """Wait until ``until(ctrl)``. Everything that can make it true rings J_BELL (the
     last chunk written, the last task gone), so checking after reading the bell and then
     waiting for the bell to change misses nothing."""
-    # Spin first (without the GIL): the wake-up of a sleeping caller costs tens of
-    # microseconds here, more than a small job.
-    _spin.spin_until_at_least(ctrl, D.J_BELL, 1, _SPIN_NS, D.J_SCRATCH)
+    if spin is not None:
+        # Spin first (without the GIL): the wake-up of a sleeping caller costs tens of
+        # microseconds, more than a small job. Results that arrive meanwhile are ours
+        # to collect (see _wait_all); only for the spin, though: while this thread
+        # sleeps, the collector must run, or a task queued behind an uncollected result
+        # would wait for the whole job.
+        with spin._collecting():
+            _spin.spin_until_at_least(ctrl, D.J_BELL, 1, _SPIN_NS, D.J_SCRATCH)
     while True:
         seen = int(at.load(ctrl, D.J_BELL))
         if until(ctrl):
@@ -626,7 +638,8 @@ def _run_shared(
                     overlap,
                     keep=not one_shot,
                 )
-                futures = [pool.submit(run_task, job, t) for t in range(ntasks)]
+                packed = pack(job)
+                futures = [pool.submit(run_task, packed, t) for t in range(ntasks)]
                 every_future += futures
                 for t, f in enumerate(futures):
                     f.add_done_callback(functools.partial(_count_out, ctrl, t))
@@ -652,7 +665,12 @@ def _run_shared(
             # The driver that writes the last chunk wakes us: the output is complete.
             # Tasks that have not started yet (a worker slow to wake) will find nothing
             # to claim and leave; the arena stays theirs until they have (_release_after).
-            _wait_bell(ctrl, _either, deadline, bar)
+            # Spin first, unless that takes a core from a worker: on processes the
+            # caller is one more runnable thread, and a worker queued behind its spin
+            # on a core would start late while the other workers take its share.
+            _wait_bell(
+                ctrl, _either, deadline, bar, pool if not process or ntasks < _CORES else None
+            )
             if _complete(ctrl):
                 # The results of tasks that already left are microseconds away: taking
                 # them here (a caller spinning in result()) is faster than leaving them
@@ -674,7 +692,8 @@ def _run_shared(
             if not stopped and lost.size == 0:
                 break
             failure = next(
-                (e for e in errors if e is not None and not isinstance(e, WorkerCrashedError)), None
+                (e for e in errors if e is not None and not isinstance(e, WorkerCrashedError)),
+                None,
             )
             if failure is not None:
                 raise failure

@@ -12,6 +12,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import time
 import types
 from collections.abc import Iterator
 from typing import Any
@@ -414,7 +415,7 @@ def test_a_late_process_task_leaves_without_attaching() -> None:
     # A process task that starts after the others did every chunk returns at once: it
     # must not attach the job's arrays (the caller may have freed them by then).
     from shmcompute import _drivers as D
-    from shmcompute._jobs import Job, kernel_ref, run_task
+    from shmcompute._jobs import Job, kernel_ref, pack, run_task
 
     with Pool(1, backend="process") as pool, shc.zeros(D.ctrl_words(4), np.int64) as ctrl:
         ctrl.array[D.J_CLAIM] = 4  # every chunk claimed
@@ -423,11 +424,37 @@ def test_a_late_process_task_leaves_without_attaching() -> None:
         gone.unlink()
         gone.close()
         ref = kernel_ref(K.affine)
-        job = Job("map", ref, ctrl.handle, None, (handle,), handle, 4, 1, 4, 0, True)
+        job = pack(Job("map", ref, ctrl.handle, None, (handle,), handle, 4, 1, 4, 0, True))
         assert pool.submit(run_task, job, 0).result(timeout=60) == 0
         ctrl.array[D.J_CLAIM] = 3  # one chunk left: now it must attach, and cannot
         with pytest.raises(FileNotFoundError):
             pool.submit(run_task, job, 0).result(timeout=60)
+
+
+def test_process_workers_let_go_of_freed_arrays() -> None:
+    # Workers keep a repeated job's arrays attached (a job over the same arrays costs a
+    # lookup), but never keep freed memory alive for long: a segment the caller unlinked
+    # is unmapped by every worker at its next job after 0.1 s.
+    def mapped(pid: int, name: str) -> bool:
+        with open(f"/proc/{pid}/maps") as f:
+            return name in f.read()
+
+    with Pool(1, backend="process") as pool:
+        x = shc.from_numpy(np.arange(10_000.0))
+        y = transform(K.affine, x, pool=pool)
+        (pid,) = (w.pid for w in pool.stats.workers)
+        assert pid is not None and mapped(pid, x.name) and mapped(pid, y.name)
+        names = (x.name, y.name)
+        for a in (x, y):
+            a.unlink()
+            a.close()
+        time.sleep(0.15)
+        with shc.from_numpy(np.arange(100.0)) as z:
+            out = transform(K.affine, z, pool=pool)
+            np.testing.assert_allclose(out.array, _affine_ref(z.array))
+            out.unlink()
+            out.close()
+        assert not any(mapped(pid, name) for name in names)
 
 
 # --- a worker crash mid-job --------------------------------------------------------------------
