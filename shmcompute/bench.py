@@ -10,7 +10,9 @@ Sections (each verified against a reference before its figures are shown):
 Peers: NumPy, one Numba thread, Numba ``prange``, ``ThreadPoolExecutor``,
 ``ProcessPoolExecutor``, ``multiprocessing.Pool`` and joblib (skipped when not
 installed). Every figure is a median over ``--repeat`` runs after a warm-up; the table
-gives each row's speed relative to the best peer (2.00x = twice as fast).
+gives each row's speed relative to the best peer (2.00x = twice as fast). The ``cpu``
+and ``memory`` sides run interleaved, in rounds (each round runs every side once, in a
+rotated order), so that a slow spell of a shared machine falls on all of them alike.
 """
 
 from __future__ import annotations
@@ -115,6 +117,74 @@ class _Bench:
         )
 
 
+@dataclass
+class _Side:
+    """One side of an interleaved comparison (see ``_Bench.interleave``)."""
+
+    name: str
+    kind: str
+    run: Callable[[], Any]
+    check: Callable[[], bool]  # after its last run: is the output right?
+    clear: Callable[[], Any]  # untimed, before its last run: wipe the output
+    repeat: int
+    settle: float = 0.0  # untimed pause after each run (prange's threads spin on)
+
+
+def _interleave_rounds(b: _Bench, section: str, size: int, sides: list[_Side]) -> None:
+    """Time ``sides`` in rounds, each round running every side once in a rotated order,
+    so that a slow minute of a shared machine lands on all of them rather than on
+    whichever ran then: the ratios between sides are what the table shows. Each side's
+    output is wiped before its last run and checked right after it."""
+    live: list[_Side] = []
+    for side in sides:  # warm-up: compile, start workers, fault pages in
+        _say(f"  {section}: warming up {side.name} ...")
+        try:
+            side.run()
+        except Exception as e:  # a peer that breaks is reported, not fatal
+            b.report.skipped.append(f"{section}/{side.name}: {type(e).__name__}: {e}")
+            continue
+        time.sleep(side.settle)
+        live.append(side)
+    times: dict[str, list[float]] = {side.name: [] for side in live}
+    ok: dict[str, bool] = {}
+    rounds = max((side.repeat for side in live), default=0)
+    for r in range(rounds):
+        _say(f"  {section}: round {r + 1} of {rounds} ...")
+        k = r % max(1, len(live))
+        for side in live[k:] + live[:k]:
+            if r >= side.repeat or side.name in ok:
+                continue
+            last = r == side.repeat - 1
+            try:
+                if last:
+                    side.clear()
+                t0 = time.perf_counter()
+                side.run()
+                times[side.name].append(time.perf_counter() - t0)
+                time.sleep(side.settle)
+                if last:
+                    ok[side.name] = bool(side.check())
+            except Exception as e:
+                b.report.skipped.append(f"{section}/{side.name}: {type(e).__name__}: {e}")
+                ok[side.name] = False
+                times[side.name] = []
+    for side in live:
+        t = times[side.name]
+        if t:
+            b.report.rows.append(
+                Row(
+                    section,
+                    side.name,
+                    side.kind,
+                    statistics.median(t),
+                    min(t),
+                    ok[side.name],
+                    "",
+                    size,
+                )
+            )
+
+
 @contextmanager
 def _forkserver_pools(workers: int) -> Iterator[dict[str, Any]]:
     from .pool import Pool
@@ -163,94 +233,106 @@ def _array_section(b: _Bench, pools: dict[str, Any], section: str, n: int) -> No
     kernel(x, ref)
     out = np.empty(n)
     w = b.workers
+    repeat = b.repeat
     # Copy-mode peers move the whole array twice per run: fewer rounds at large sizes.
-    slow_repeat = max(2, b.repeat // 2) if n * 8 >= 64 << 20 else None
+    slow = max(2, repeat // 2) if n * 8 >= 64 << 20 else repeat
+    parts = _chunks(n, 4 * w)
 
     def same() -> bool:
         return bool(np.allclose(out, ref))
 
+    def wipe() -> None:
+        out.fill(np.nan)
+
     def numpy_run() -> None:
         out[:] = K.cpu_numpy(x) if section == "cpu" else 2.5 * x + 1.0
 
-    b.measure(section, "numpy", "peer", numpy_run, same, n, repeat=1 if section == "cpu" else None)
-    b.measure(section, "numba, 1 thread", "peer", lambda: kernel(x, out), same, n)
-    old = numba.get_num_threads()
-    numba.set_num_threads(min(w, numba.config.NUMBA_NUM_THREADS))  # type: ignore[attr-defined]
-    try:
-        b.measure(
-            section, f"numba prange, {w} threads", "peer", lambda: prange_kernel(x, out), same, n
-        )
-        if section == "cpu":
-            time.sleep(0.05)  # prange's threads spin ~10 ms after a call: let them settle
-    finally:
-        numba.set_num_threads(old)
+    threads = min(w, numba.config.NUMBA_NUM_THREADS)  # type: ignore[attr-defined]
 
-    with from_numpy(x) as sx, SharedArray.create(n, np.float64) as so:
-        for key, label in (("shm-thread", "thread"), ("shm-process", "process")):
-            b.measure(
-                section,
-                f"shmcompute {label} (share)",
-                "shmcompute",
-                functools.partial(transform, kernel, sx, out=so, pool=pools[key]),
-                lambda: bool(np.allclose(so.array, ref)),
-                n,
-            )
-            so.array[:] = 0
-
-    # Threads need no shared memory: the caller's NumPy arrays (which, unlike /dev/shm
-    # segments, can get transparent huge pages) work as they are.
-    b.measure(
-        section,
-        "shmcompute thread (NumPy arrays)",
-        "shmcompute",
-        functools.partial(transform, kernel, x, out=out, pool=pools["shm-thread"]),
-        same,
-        n,
-    )
-    parts = _chunks(n, 4 * w)
+    def prange_run() -> None:
+        old = numba.get_num_threads()
+        numba.set_num_threads(threads)
+        try:
+            prange_kernel(x, out)
+        finally:
+            numba.set_num_threads(old)
 
     def tpe_run() -> None:
         list(pools["tpe"].map(lambda s: kernel(x[s], out[s]), parts))
-
-    b.measure(section, "ThreadPoolExecutor (views)", "peer", tpe_run, same, n)
 
     def gather(results: Any) -> None:
         for s, r in zip(parts, results, strict=True):
             out[s] = r
 
-    b.measure(
-        section,
-        "ProcessPoolExecutor.map (copy)",
-        "peer",
-        lambda: gather(pools["ppe"].map(chunk_fn, [x[s] for s in parts])),
-        same,
-        n,
-        repeat=slow_repeat,
-    )
-    b.measure(
-        section,
-        "multiprocessing.Pool.map (copy)",
-        "peer",
-        lambda: gather(pools["mp"].map(chunk_fn, [x[s] for s in parts])),
-        same,
-        n,
-        repeat=slow_repeat,
-    )
-    try:
-        import joblib
-    except ImportError:
-        b.report.skipped.append(f"{section}/joblib: not installed")
-    else:
-        par = joblib.Parallel(n_jobs=w)
-        b.measure(
-            section,
-            "joblib (loky, copy)",
-            "peer",
-            lambda: gather(par(joblib.delayed(chunk_fn)(x[s]) for s in parts)),
-            same,
-            n,
-            repeat=slow_repeat,
+    with from_numpy(x) as sx, SharedArray.create(n, np.float64) as so:
+
+        def shm_same() -> bool:
+            return bool(np.allclose(so.array, ref))
+
+        def shm_wipe() -> None:
+            so.array.fill(np.nan)
+
+        sides = [
+            _Side("numpy", "peer", numpy_run, same, wipe, 1 if section == "cpu" else repeat),
+            _Side("numba, 1 thread", "peer", lambda: kernel(x, out), same, wipe, repeat),
+            # Numba's threads spin ~10 ms after a prange call: let them settle.
+            _Side(f"numba prange, {threads} threads", "peer", prange_run, same, wipe, repeat, 0.05),
+        ]
+        for key, label in (("shm-thread", "thread"), ("shm-process", "process")):
+            run = functools.partial(transform, kernel, sx, out=so, pool=pools[key])
+            sides.append(
+                _Side(f"shmcompute {label} (share)", "shmcompute", run, shm_same, shm_wipe, repeat)
+            )
+        # Threads need no shared memory: the caller's NumPy arrays (which, unlike /dev/shm
+        # segments, can get transparent huge pages) work as they are.
+        sides.append(
+            _Side(
+                "shmcompute thread (NumPy arrays)",
+                "shmcompute",
+                functools.partial(transform, kernel, x, out=out, pool=pools["shm-thread"]),
+                same,
+                wipe,
+                repeat,
+            )
         )
+        sides.append(_Side("ThreadPoolExecutor (views)", "peer", tpe_run, same, wipe, repeat))
+        sides.append(
+            _Side(
+                "ProcessPoolExecutor.map (copy)",
+                "peer",
+                lambda: gather(pools["ppe"].map(chunk_fn, [x[s] for s in parts])),
+                same,
+                wipe,
+                slow,
+            )
+        )
+        sides.append(
+            _Side(
+                "multiprocessing.Pool.map (copy)",
+                "peer",
+                lambda: gather(pools["mp"].map(chunk_fn, [x[s] for s in parts])),
+                same,
+                wipe,
+                slow,
+            )
+        )
+        try:
+            import joblib
+        except ImportError:
+            b.report.skipped.append(f"{section}/joblib: not installed")
+        else:
+            par = joblib.Parallel(n_jobs=w)
+            sides.append(
+                _Side(
+                    "joblib (loky, copy)",
+                    "peer",
+                    lambda: gather(par(joblib.delayed(chunk_fn)(x[s]) for s in parts)),
+                    same,
+                    wipe,
+                    slow,
+                )
+            )
+        _interleave_rounds(b, section, n, sides)
 
 
 def _roundtrip_section(b: _Bench, pools: dict[str, Any], rounds: int) -> None:
