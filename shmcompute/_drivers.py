@@ -82,6 +82,45 @@ def kernel_at(typingctx, kref, kaddr):  # type: ignore[no-untyped-def]
     return fty(kref, kaddr), codegen
 
 
+# The caller's bookkeeping, one compiled call each instead of several NumPy operations
+# from Python (they keep the GIL: sub-microsecond helpers lose more to a GIL hand-off
+# than they save). Plain stores: no driver runs until the job's tasks are published,
+# and publishing them (an atomic store, or a lock) orders these stores before it.
+@njit(cache=True)
+def reset(ctrl, nchunks):  # type: ignore[no-untyped-def]
+    """A fresh job: every word zero, no task on a chunk."""
+    for i in range(J_FLAGS + nchunks):
+        ctrl[i] = 0
+    for t in range(MAX_TASKS):
+        ctrl[J_TASK + t] = -1
+
+
+@njit(cache=True)
+def begin_attempt(ctrl, nwork, ntasks):  # type: ignore[no-untyped-def]
+    """Before (re)running a work list of ``nwork`` chunks with ``ntasks`` tasks."""
+    ctrl[J_CLAIM] = 0
+    ctrl[J_EXITED] = 0
+    ctrl[J_BELL] = 0
+    ctrl[J_TARGET] = ctrl[J_DONE] + nwork
+    ctrl[J_NTASKS] = ntasks
+    for t in range(MAX_TASKS):
+        ctrl[J_EXIT + t] = 0
+
+
+COMPLETE = 1  # every chunk of the attempt written, and nothing asked the drivers to stop
+ALL_LEFT = 2  # every task of the attempt has left
+
+
+@njit(cache=True)
+def status(ctrl):  # type: ignore[no-untyped-def]
+    s = 0
+    if at.load(ctrl, J_DONE) >= at.load(ctrl, J_TARGET) and at.load(ctrl, J_CLAIM) < STOP:
+        s |= COMPLETE
+    if at.load(ctrl, J_EXITED) >= at.load(ctrl, J_NTASKS):
+        s |= ALL_LEFT
+    return s
+
+
 @njit(nogil=True, cache=True, inline="always")
 def ring(ctrl):  # type: ignore[no-untyped-def]
     at.add(ctrl, J_BELL, 1)

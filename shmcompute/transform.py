@@ -492,17 +492,15 @@ _CORES = usable_cores()
 
 def _complete(ctrl: np.ndarray) -> bool:
     """Every chunk of this attempt is written and nothing asked the drivers to stop."""
-    return bool(
-        at.load(ctrl, D.J_DONE) >= at.load(ctrl, D.J_TARGET) and at.load(ctrl, D.J_CLAIM) < D.STOP
-    )
+    return bool(D.status(ctrl) & D.COMPLETE)
 
 
 def _all_left(ctrl: np.ndarray) -> bool:
-    return bool(at.load(ctrl, D.J_EXITED) >= at.load(ctrl, D.J_NTASKS))
+    return bool(D.status(ctrl) & D.ALL_LEFT)
 
 
 def _either(ctrl: np.ndarray) -> bool:
-    return _complete(ctrl) or _all_left(ctrl)
+    return bool(D.status(ctrl))
 
 
 def _wait_bell(
@@ -610,19 +608,13 @@ def _run_shared(
     order = NO_ORDER
     order_sa: SharedArray | None = None
     try:
-        ctrl[: D.ctrl_words(nchunks)] = 0
-        ctrl[D.J_TASK : D.J_TASK + D.MAX_TASKS] = -1
+        D.reset(ctrl, nchunks)
         name = kernel_name(kernel)
         ref = kernel_ref(kernel) if process else None
         while True:
             nwork = order.shape[0] if order.shape[0] else nchunks
             ntasks = min(pool.max_workers, nwork, D.MAX_TASKS)
-            ctrl[D.J_CLAIM] = 0
-            ctrl[D.J_EXITED] = 0
-            ctrl[D.J_BELL] = 0
-            ctrl[D.J_TARGET] = ctrl[D.J_DONE] + nwork
-            ctrl[D.J_NTASKS] = ntasks
-            ctrl[D.J_EXIT : D.J_EXIT + D.MAX_TASKS] = 0
+            D.begin_attempt(ctrl, nwork, ntasks)
             if process:
                 assert ref is not None and arena.shared is not None and out_sa is not None
                 job = Job(
