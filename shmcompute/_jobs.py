@@ -207,20 +207,41 @@ def _sweep() -> None:
             _unpacked.clear()  # their prepared jobs hold views of it
 
 
-def view(h: SharedArrayHandle) -> np.ndarray:
+def view(h: SharedArrayHandle, populate: bool = True) -> np.ndarray:
     """Attach a segment in a worker process, or reuse this worker's attachment: a job's
-    arrays are usually the previous job's."""
+    arrays are usually the previous job's. ``populate``: map every page now (see
+    ``_populate``); not for a one-shot job, which touches only the chunks it claims."""
     _sweep()
     hit = _attached.get(h.name)
     if hit is not None:
         return hit[0].array
     sa = SharedArray.attach(h)
+    if populate:
+        _populate(sa)
     if len(_attached) >= _ATTACH_CACHE:
         name = next(iter(_attached))
         _attached.pop(name)[0].close()
         _unpacked.clear()
     _attached[h.name] = (sa, os.stat(f"/dev/shm/{h.name}").st_ino)
     return sa.array
+
+
+_MADV_POPULATE_WRITE = 23  # Linux 5.14+; Python's mmap module does not name it yet
+
+
+def _populate(sa: SharedArray) -> None:
+    """Map every page of a cached segment now, in one system call. Each process has its
+    own page tables, and the chunks a worker claims change from job to job, so without
+    this a worker keeps taking page faults on an array's pages for its first several
+    jobs (measured: 16M float64 in and out took 3,000-11,000 faults per worker per job
+    and ran 1.5-2.5x slower until every page had been touched)."""
+    mm = sa._state.mm
+    if mm is None:
+        return
+    try:
+        mm.madvise(_MADV_POPULATE_WRITE)
+    except (OSError, ValueError):  # an older kernel, or not Linux: faults as before
+        pass
 
 
 class PackedJob:
@@ -281,8 +302,8 @@ def run_task(packed: PackedJob, t: int) -> int:
     if ready is None:
         kernel = resolve(job.kernel)
         order = view(job.order) if job.order is not None else NO_ORDER
-        ins = tuple(view(h) for h in job.inputs)
-        out = view(job.out)
+        ins = tuple(view(h, job.keep) for h in job.inputs)
+        out = view(job.out, job.keep)
         rt = kernel_rt(job.kind, kernel, ins, out if job.kind != "reduce" else None)
         ready = (plan(job.kind, kernel, rt, ctrl, order, ins, out), ctrl, order, ins, out)
         if job.keep:

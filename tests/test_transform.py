@@ -457,6 +457,29 @@ def test_process_workers_let_go_of_freed_arrays() -> None:
         assert not any(mapped(pid, name) for name in names)
 
 
+def test_workers_map_a_cached_array_up_front() -> None:
+    # Process workers claim different chunks from job to job; unless a cached segment's
+    # pages are mapped when it is attached, every job takes page faults on pages this
+    # process has not touched yet (thousands per job for large arrays).
+    import resource
+
+    from shmcompute import _jobs
+
+    with shc.zeros(4 << 20, np.float64) as owner:  # 32 MiB, 8,192 pages
+        view = _jobs.view(owner.handle)  # what a worker does (a second mapping)
+        try:
+            before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+            view[:] = 1.0
+            total = float(view.sum())
+            faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+        finally:
+            del view
+            _jobs._attached.pop(owner.name)[0].close()
+            _jobs._unpacked.clear()
+        assert total == 4 << 20
+        assert faults < 100, faults  # without it: one per page, 8,192
+
+
 # --- a worker crash mid-job --------------------------------------------------------------------
 @pytest.mark.crash
 def test_crash_reruns_only_the_lost_chunks() -> None:
