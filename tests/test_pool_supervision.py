@@ -23,8 +23,8 @@ import psutil
 import pytest
 
 import shmcompute as shc
-from shmcompute.errors import TaskTimeoutError, WorkerCrashedError
-from shmcompute.pool import Pool
+from shmcompute.errors import PoolTerminatedError, TaskTimeoutError, WorkerCrashedError
+from shmcompute.pool import Pool, ProcessPool
 from shmcompute.sync import Event
 from tests import _pool_tasks as T
 from tests.test_pool import WAIT, wait_count
@@ -297,3 +297,26 @@ def test_sigterm_drains_then_exits(backend: str) -> None:
     assert len(done) == 12, (proc.stdout, proc.stderr)
     assert proc.returncode == -signal.SIGTERM, proc.stderr
     assert "leaked" not in proc.stderr
+
+
+def test_a_failure_while_collecting_terminates_the_pool_instead_of_hanging(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # Collecting results relies on invariants of the rings. Should one ever break (a
+    # bug), the pool must fail what is outstanding and shut down, not leave futures that
+    # never resolve and a shutdown() that waits for them forever.
+    pool = ProcessPool(1)
+    assert pool.submit(T.square, 2).result(WAIT) == 4
+
+    def broken(*args: Any, **kwargs: Any) -> Any:
+        raise RuntimeError("result ring out of order (simulated)")
+
+    pool._rings.read = broken  # type: ignore[method-assign]
+    fut = pool.submit(T.square, 3)
+    with pytest.raises((RuntimeError, PoolTerminatedError)):
+        fut.result(WAIT)  # the thread that hit the failure sees it
+    # The pool terminated itself: the future resolves without a shutdown() call...
+    assert isinstance(fut.exception(WAIT), PoolTerminatedError)
+    pool.shutdown(wait=True)  # ...and shutting down has nothing left to wait for
+    assert pool.stats.state == "closed"
+    assert "collecting results failed" in caplog.text

@@ -64,6 +64,7 @@ from .base import (
     _PrepareFailed,
     _Task,
 )
+from .base import log as _log
 from .sizing import usable_cores
 from .supervisor import Supervision, _Proc
 from .worker import WorkerSpec
@@ -181,6 +182,7 @@ class ProcessPool(Supervision):
         self._init_failures = 0
         self._last_init_error: BaseException | None = None
         self._force = False
+        self._broken: BaseException | None = None  # collecting results failed (a bug)
         self._stop_collector = False
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_w, False)
@@ -408,16 +410,29 @@ class ProcessPool(Supervision):
         self._update_capacity()
 
     def _collect_all(self) -> bool:
+        if self._broken is not None:
+            return False  # the supervisor is terminating the pool (see below)
         if not _spin.results_waiting(
             self._words, L.PC_HEADER_WORDS, L.W_WORDS, L.W_RES_TAIL, self._heads
         ):
             return False  # nothing published since we last looked (no lock taken)
         out: list[tuple[_Task, int, bytes, int, int]] = []
-        with self._lock:
-            for p in self._procs.values():
-                self._collect_locked(p, out)
-            if out:
-                self._dispatch_locked()
+        try:
+            with self._lock:
+                for p in self._procs.values():
+                    self._collect_locked(p, out)
+                if out:
+                    self._dispatch_locked()
+        except BaseException as e:
+            # A broken invariant (a bug): the rings can no longer be trusted. Terminate
+            # the pool, failing what is outstanding, rather than leave futures that
+            # never resolve and a shutdown that waits for them forever.
+            if self._broken is None:
+                self._broken = e
+                _log.exception("shmcompute: collecting results failed; terminating the pool")
+                self._force = True
+                self._wake_supervisor()
+            raise
         self._deliver(out)
         return bool(out)
 
@@ -446,8 +461,11 @@ class ProcessPool(Supervision):
         words = self._words
         while True:
             seq = at.load(words, L.PC_RESULT_SEQ)
-            if self._collect_all():
-                continue
+            try:
+                if self._collect_all():
+                    continue
+            except Exception:
+                return  # logged; the supervisor is terminating the pool (_collect_all)
             if self._stop_collector:
                 return
             at.wait(words, L.PC_RESULT_SEQ, seq, 1.0)

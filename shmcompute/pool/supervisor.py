@@ -120,6 +120,7 @@ class Supervision(Pool):
         _rings: Rings
         _ctrl: SharedArray
         _force: bool
+        _broken: BaseException | None
         _stop_collector: bool
         _stall_timeout: float | None
         _replace_stalled: bool
@@ -393,13 +394,14 @@ class Supervision(Pool):
         for task in leftover:
             if task.spill is not None:
                 release_spill(task)
+            why = (
+                "shutdown(timeout=...) ran out of time and terminated the workers"
+                if self._broken is None
+                else "the pool terminated itself after collecting results failed "
+                f"({self._broken!r}; see the shmcompute.pool log)"
+            )
             self._finish(
-                task,
-                False,
-                PoolTerminatedError(
-                    f"{task.describe()} did not finish: shutdown(timeout=...) ran out of time and "
-                    "terminated the workers"
-                ),
+                task, False, PoolTerminatedError(f"{task.describe()} did not finish: {why}")
             )
         self._stop_collector = True
         at.add(words, L.PC_RESULT_SEQ, 1)
