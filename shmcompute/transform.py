@@ -303,18 +303,25 @@ def _arena(pool: Pool, words: int) -> _Arena:
     and a third job at the same time waits a little for one to come back (microseconds,
     usually) before it makes another. The pool frees them when it closes."""
     with pool._lock:
-        state = pool.__dict__.setdefault("_arena_state", {"free": [], "busy": 0})
-        cond = pool.__dict__.setdefault("_arena_cond", threading.Condition(pool._lock))
-        deadline = time.monotonic() + _ARENA_WAIT
+        state = pool.__dict__.get("_arena_state")
+        if state is None:
+            cond = threading.Condition(pool._lock)
+            state = pool.__dict__["_arena_state"] = {"free": [], "busy": 0, "cond": cond}
+        deadline = None
         while True:
             for i, a in enumerate(state["free"]):
                 if a.words.shape[0] >= words:
                     state["busy"] += 1
                     return state["free"].pop(i)  # type: ignore[no-any-return]
-            left = deadline - time.monotonic()
-            if state["busy"] + len(state["free"]) < _ARENAS or left <= 0 or words > _ARENA_WORDS:
-                break  # (a busy arena of the usual size would not do for a larger job)
-            cond.wait(left)
+            now = time.monotonic()
+            deadline = now + _ARENA_WAIT if deadline is None else deadline
+            if (
+                state["busy"] + len(state["free"]) < _ARENAS
+                or now >= deadline
+                or words > _ARENA_WORDS  # a busy arena of the usual size would not do
+            ):
+                break
+            state["cond"].wait(deadline - now)
         state["busy"] += 1
         spare = state["busy"] + len(state["free"]) < _ARENAS
     size = max(words, _ARENA_WORDS)
@@ -332,7 +339,7 @@ def _release(pool: Pool, arena: _Arena, busy: bool = True) -> None:
         state = pool.__dict__["_arena_state"]
         state["free"].append(arena)
         state["busy"] -= busy
-        pool.__dict__["_arena_cond"].notify()
+        state["cond"].notify()
 
 
 def _run(
