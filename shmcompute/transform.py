@@ -638,7 +638,7 @@ def _run_shared(
                     keep=not one_shot,
                 )
                 packed = pack(job)
-                futures = [pool.submit(run_task, packed, t) for t in range(ntasks)]
+                futures = [pool._submit_spread(run_task, packed, t) for t in range(ntasks)]
                 every_future += futures
                 for t, f in enumerate(futures):
                     f.add_done_callback(functools.partial(_count_out, ctrl, t))

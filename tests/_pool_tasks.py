@@ -17,7 +17,7 @@ import numpy as np
 
 import shmcompute.atomics as at
 from shmcompute.array import SharedArray, SharedArrayHandle
-from shmcompute.sync import Event
+from shmcompute.sync import Barrier, Event
 
 _state: dict[str, Any] = {}
 
@@ -109,6 +109,12 @@ def crash_first_time(counter: Any, value: int) -> int:
     if count(counter) == 1:
         os._exit(9)
     return value
+
+
+def pid_after_barrier(barrier: Barrier, timeout: float = 30.0) -> int:
+    """Meet the other parties (they must be running at the same time), then report."""
+    barrier.wait(timeout)
+    return os.getpid()
 
 
 def block(gate: Event, timeout: float = 30.0) -> bool:

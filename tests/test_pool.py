@@ -302,6 +302,30 @@ def test_thread_timeout_is_not_missed_while_the_supervisor_checks_the_backlog(
     gate.close()
 
 
+def test_spread_tasks_are_never_packed_onto_one_worker() -> None:
+    # After a run of tiny tasks the process pool packs new ones onto a worker that is
+    # already awake. A transform's driver tasks must run side by side instead: they ask
+    # for it (_submit_spread). Two tasks that must meet at a barrier prove it.
+    from shmcompute.sync import Barrier
+
+    def as_after_tiny_tasks() -> None:
+        with pool._lock:
+            pool._run_ewma = 1e-6
+            pool._update_capacity()
+
+    with ProcessPool(2) as pool:
+        as_after_tiny_tasks()
+        packed = [pool.submit(T.pid) for _ in range(2)]
+        assert len({f.result(WAIT) for f in packed}) == 1  # the control: packed
+        as_after_tiny_tasks()
+        barrier = Barrier(2)
+        try:
+            spread = [pool._submit_spread(T.pid_after_barrier, barrier, 10.0) for _ in range(2)]
+            assert len({f.result(WAIT) for f in spread}) == 2  # two workers, concurrently
+        finally:
+            barrier.close()
+
+
 def test_dispatch_never_overfills_a_worker_ring() -> None:
     # A worker whose results are published but not yet collected is free for more
     # tasks, but each uncollected result still holds a slot of its result ring: a

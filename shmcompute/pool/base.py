@@ -63,6 +63,7 @@ class _Task:
         "retries",
         "seq",
         "spill",
+        "spread",
         "started_ns",
         "submitted_ns",
         "target",
@@ -96,6 +97,7 @@ class _Task:
         self.timed_out = False
         self.target = 0  # thread backend: the worker's done-count that means "finished"
         self.resolved = False  # set once, under the pool lock, by whoever resolves it
+        self.spread = False  # process backend: never packed onto a busy worker (see below)
 
     def describe(self) -> str:
         return f"task #{self.seq} {_describe(self.fn)}"
@@ -382,6 +384,12 @@ class Pool(Executor):
         """
         return self._submit(fn, args, kwargs, self._task_timeout, self._retries)
 
+    def _submit_spread(self, fn: Callable[..., T], /, *args: Any) -> Future[T]:
+        """``submit`` for tasks meant to run at the same time as their siblings (a
+        transform's driver tasks): the process backend never packs such a task onto a
+        worker that already has one, even when recent tasks were tiny."""
+        return self._submit(fn, args, {}, self._task_timeout, self._retries, spread=True)
+
     def options(self, *, timeout: float | None = None, retries: int | None = None) -> _Options:
         """Per-task options: ``pool.options(timeout=5, retries=2).submit(fn, x)``.
 
@@ -403,6 +411,7 @@ class Pool(Executor):
         kwargs: dict[str, Any],
         timeout: float | None,
         retries: int,
+        spread: bool = False,
     ) -> Future[T]:
         if not callable(fn):
             raise ArgumentTypeError(f"fn must be callable, got {type(fn).__name__}")
@@ -422,6 +431,7 @@ class Pool(Executor):
                 self._unprepare(prepared)
                 raise RuntimeError("cannot schedule new futures after shutdown")
             task = _Task(next(self._seq), fn, args, kwargs, future, timeout, retries)
+            task.spread = spread
             future._pool = self
             future._task = task
             self._outstanding += 1

@@ -285,6 +285,7 @@ class ProcessPool(Supervision):
         kwargs: dict[str, Any],
         timeout: float | None,
         retries: int,
+        spread: bool = False,
     ) -> Any:
         # A burst: every worker's ring is full. This thread collects results itself, so
         # rings refill at once, and while it does, workers skip waking the collector
@@ -295,7 +296,7 @@ class ProcessPool(Supervision):
         words = self._words
         at.add(words, L.PC_SPINNERS, 1)
         try:
-            fut = super()._submit(fn, args, kwargs, timeout, retries)
+            fut = super()._submit(fn, args, kwargs, timeout, retries, spread)
             self._collect_all()
         finally:
             at.sub(words, L.PC_SPINNERS, 1)
@@ -335,9 +336,11 @@ class ProcessPool(Supervision):
         words = self._words
         # Tiny tasks: pack them onto a worker that is already awake (it spins between
         # tasks), so the others stay asleep and no push pays for a wake-up. Longer
-        # tasks: spread to the least loaded worker.
-        pack = self._run_ewma < 20e-6
+        # tasks, and tasks meant to run beside their siblings (a transform's drivers,
+        # _submit_spread), go to the least loaded worker.
+        tiny = self._run_ewma < 20e-6
         while queue:
+            pack = tiny and not queue[0].spread
             best = None
             best_n = -1 if pack else cap
             for p in procs:
