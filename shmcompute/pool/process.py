@@ -350,7 +350,8 @@ class ProcessPool(Supervision):
                 # the whole job.) Uncollected results still hold result-ring slots,
                 # though: never more than RING_SLOTS tasks outstanding on a worker.
                 outstanding = len(p.inflight)
-                published = at.load(words, Rings.rec(p.slot) + L.W_RES_TAIL) - p.res_head
+                # (A plain read: a stale tail only makes the worker look busier.)
+                published = int(words[Rings.rec(p.slot) + L.W_RES_TAIL]) - p.res_head
                 n = outstanding - published
                 if n >= cap or outstanding >= L.RING_SLOTS:
                     continue
