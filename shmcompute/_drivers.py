@@ -135,7 +135,10 @@ def finished(ctrl, i):  # type: ignore[no-untyped-def]
         ring(ctrl)
 
 
-@njit(nogil=True, cache=True, inline="always")
+# Without nogil: inlined into the (nogil) drivers it makes no difference, and called
+# from Python (a future's callback, _count_out) it keeps the GIL, as a helper this short
+# should.
+@njit(cache=True, inline="always")
 def left(ctrl, t):  # type: ignore[no-untyped-def]
     """Count driver ``t`` out, once, and ring when it was the last. The caller counts a
     task out the same way when its future fails (a crash) or when the task found the

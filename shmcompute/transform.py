@@ -486,11 +486,8 @@ def _release_after(pool: Pool, arena: _Arena, futures: list[Any]) -> None:
 
 def _count_out(ctrl: np.ndarray, t: int, future: Any) -> None:
     """A driver task's future resolved: count the task out if its driver did not (it
-    died, or failed before its loop); see ``_drivers.left``."""
-    if at.exchange(ctrl, D.J_EXIT + t, 1) == 0:
-        if at.add(ctrl, D.J_EXITED, 1) + 1 >= at.load(ctrl, D.J_NTASKS):
-            at.add(ctrl, D.J_BELL, 1)
-            at.notify(ctrl, D.J_BELL)
+    died, failed before its loop, or found the job done); see ``_drivers.left``."""
+    D.left(ctrl, t)
 
 
 _SPIN_NS = 100_000  # a short job ends within this: catch it spinning, without sleeping

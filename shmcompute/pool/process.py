@@ -293,14 +293,9 @@ class ProcessPool(Supervision):
         # interval, 5 ms) while the workers sit idle with their results uncollected.
         if self._state != RUNNING:
             raise RuntimeError("cannot schedule new futures after shutdown")
-        words = self._words
-        at.add(words, L.PC_SPINNERS, 1)
-        try:
+        with self._collecting():
             fut = super()._submit(fn, args, kwargs, timeout, retries, spread)
             self._collect_all()
-        finally:
-            at.sub(words, L.PC_SPINNERS, 1)
-        self._collect_all()  # results published while workers skipped the notify
         return fut
 
     def _enqueue(self, task: _Task, prepared: tuple[bytes, SharedArray | None]) -> None:
@@ -476,10 +471,11 @@ class ProcessPool(Supervision):
 
     @contextmanager
     def _collecting(self) -> Iterator[None]:
-        """For a caller that submits tasks and then collects their results itself (a
-        transform's driver tasks): meanwhile workers skip waking the collector thread,
-        which would only take the GIL from that caller just as its results arrive. Not
-        around a blocking ``result()``: that one relies on the collector."""
+        """For a thread that will collect results itself for a bounded while (a burst of
+        submits, a spin in ``result()``, a transform's spin): meanwhile workers skip
+        waking the collector thread, which would only take the GIL from it just as its
+        results arrive; on leaving, it collects what they published meanwhile. Never
+        around a blocking wait: that one relies on the collector."""
         words = self._words
         at.add(words, L.PC_SPINNERS, 1)
         try:
@@ -502,8 +498,7 @@ class ProcessPool(Supervision):
             return
         idx = Rings.rec(p.slot) + L.W_RES_TAIL
         stop = time.monotonic_ns() + self._spin_ns
-        at.add(words, L.PC_SPINNERS, 1)
-        try:
+        with self._collecting():
             while not task.future.done():
                 left = stop - time.monotonic_ns()
                 if left <= 0:
@@ -511,10 +506,6 @@ class ProcessPool(Supervision):
                 seen = p.res_head
                 if _spin.spin_while_equal(words, idx, seen, left) != seen:
                     self._collect_all()
-        finally:
-            at.sub(words, L.PC_SPINNERS, 1)
-            # Workers skipped the notify while we spun: collect what they published.
-            self._collect_all()
 
     def _queued_locked(self) -> int:
         # Tasks waiting in a worker's ring behind its current one count as queued.
