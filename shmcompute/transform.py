@@ -512,18 +512,19 @@ def _wait_bell(
     until: Callable[[np.ndarray], bool],
     deadline: float | None,
     bar: Any,
-    spin: Pool | None = None,
+    spin_on: Pool | None = None,
 ) -> None:
     """Wait until ``until(ctrl)``. Everything that can make it true rings J_BELL (the
     last chunk written, the last task gone), so checking after reading the bell and then
-    waiting for the bell to change misses nothing."""
-    if spin is not None:
+    waiting for the bell to change misses nothing. With ``spin_on`` (the job's pool),
+    spin briefly first."""
+    if spin_on is not None:
         # Spin first (without the GIL): the wake-up of a sleeping caller costs tens of
         # microseconds, more than a small job. Results that arrive meanwhile are ours
         # to collect (see _wait_all); only for the spin, though: while this thread
         # sleeps, the collector must run, or a task queued behind an uncollected result
         # would wait for the whole job.
-        with spin._collecting():
+        with spin_on._collecting():
             _spin.spin_until_at_least(ctrl, D.J_BELL, 1, _SPIN_NS, D.J_SCRATCH)
     while True:
         seen = int(at.load(ctrl, D.J_BELL))
