@@ -53,36 +53,23 @@ job (~0.1-0.5 s once per worker).
 from __future__ import annotations
 
 import atexit
-import functools
 import math
 import sys
 import threading
-import time
 from collections.abc import Callable, Sequence
 from types import ModuleType
 from typing import Any
 
 import numpy as np
+from numba._dispatcher import compute_fingerprint as _fingerprint
 
 from . import _drivers as D
-from . import atomics as at
-from ._jobs import (
-    NO_ORDER,
-    Job,
-    check_kernel,
-    drive,
-    kernel_name,
-    kernel_ref,
-    kernel_rt,
-    pack,
-    plan,
-    run_task,
-)
+from ._jobs import NO_ORDER, check_kernel, kernel_name, kernel_ref, kernel_rt, plan
+from ._runner import Prepared, run_job
 from .array import SharedArray
-from .errors import ArgumentError, ArgumentTypeError, TransformError, WorkerCrashedError
-from .modes import MODES, Progress, run_copy, take_ownership
-from .pool import Pool, _spin, pool_size
-from .pool.sizing import usable_cores
+from .errors import ArgumentError, ArgumentTypeError
+from .modes import MODES, run_copy, take_ownership
+from .pool import Pool, pool_size
 
 __all__ = ["default_pool", "reduce", "transform"]
 
@@ -275,73 +262,6 @@ def reduce(
     )
 
 
-class _Arena:
-    """A job's control words (and work list), reused across jobs of one pool: making a
-    segment per call would cost ~300 us, more than a small job itself."""
-
-    def __init__(self, process: bool, words: int) -> None:
-        self.process = process
-        self.shared = SharedArray.create(words, np.int64) if process else None
-        self.words = self.shared.array if self.shared is not None else np.zeros(words, np.int64)
-
-    def close(self) -> None:
-        if self.shared is not None:
-            self.shared.unlink()
-            self.shared.close()
-
-
-_ARENAS = 2  # made together, on a pool's first job
-_ARENA_WAIT = 0.05  # seconds to wait for a busy arena before making one more
-_ARENA_WORDS = D.ctrl_words(4096)  # the usual size: jobs of up to 4096 chunks
-
-
-def _arena(pool: Pool, words: int) -> _Arena:
-    """A free arena of at least ``words``. An arena stays busy until every task of its
-    job has resolved (see ``_release_after``), which can be after the job returned: a
-    task that woke after the others had done every chunk still has to leave. So a pool
-    gets two arenas at once, back-to-back jobs alternate between them without waiting,
-    and a third job at the same time waits a little for one to come back (microseconds,
-    usually) before it makes another. The pool frees them when it closes."""
-    with pool._lock:
-        state = pool.__dict__.get("_arena_state")
-        if state is None:
-            cond = threading.Condition(pool._lock)
-            state = pool.__dict__["_arena_state"] = {"free": [], "busy": 0, "cond": cond}
-        deadline = None
-        while True:
-            for i, a in enumerate(state["free"]):
-                if a.words.shape[0] >= words:
-                    state["busy"] += 1
-                    return state["free"].pop(i)  # type: ignore[no-any-return]
-            now = time.monotonic()
-            deadline = now + _ARENA_WAIT if deadline is None else deadline
-            if (
-                state["busy"] + len(state["free"]) < _ARENAS
-                or now >= deadline
-                or words > _ARENA_WORDS  # a busy arena of the usual size would not do
-            ):
-                break
-            state["cond"].wait(deadline - now)
-        state["busy"] += 1
-        spare = state["busy"] + len(state["free"]) < _ARENAS
-    size = max(words, _ARENA_WORDS)
-    arena = _Arena(pool.backend == "process", size)
-    pool._on_close(arena.close)
-    if spare:
-        extra = _Arena(pool.backend == "process", size)
-        pool._on_close(extra.close)
-        _release(pool, extra, busy=False)
-    return arena
-
-
-def _release(pool: Pool, arena: _Arena, busy: bool = True) -> None:
-    with pool._lock:
-        state = pool.__dict__["_arena_state"]
-        state["free"].append(arena)
-        state["busy"] -= busy
-        state["cond"].notify()
-
-
 def _run(
     kind: str,
     kernel: Any,
@@ -416,7 +336,7 @@ def _run(
         if kind != "reduce":
             out_arr = returned.array
     try:
-        rt = kernel_rt(kind, kernel, arrays, out_arr)
+        prep = _prepare(kind, kernel, process, arrays, out_arr)
         if nchunks == 0:
             return returned if kind != "reduce" else _fold([], combine, identity)
         if mode == "copy":
@@ -424,12 +344,11 @@ def _run(
                 kind, kernel, pool, arrays, out_arr, n, chunk, nchunks, overlap, progress, timeout
             )
         else:
-            result = _run_shared(
+            result = run_job(
                 kind,
                 kernel,
-                rt,
+                prep,
                 pool,
-                process,
                 arrays,
                 out_arr,
                 n,
@@ -458,289 +377,49 @@ def _run(
                 sa.close()
 
 
+# --- compiled once per kernel and array types ----------------------------------------------
+_PREPARED_MAX = 256
+_prepared: dict[tuple[Any, ...], Prepared] = {}
+_CTRL_LIKE = np.zeros(1, np.int64)  # ctrl words are always a fresh int64 vector (an arena)
+
+
+def _prepare(
+    kind: str, kernel: Any, process: bool, arrays: list[np.ndarray], out_arr: Any
+) -> Prepared:
+    """Compile the kernel for these arrays' types and look up its driver, once per
+    kernel and types: a repeated call costs a dictionary lookup instead of ~10-20 us of
+    typing, keying and naming. The key is what ``numba.typeof`` reads (Numba's own
+    dispatch fingerprint: dtype, dimensions, layout, writability)."""
+    try:
+        key: tuple[Any, ...] | None = (
+            kind,
+            kernel,
+            process,
+            *[_fingerprint(a) for a in arrays],
+            None if out_arr is None else _fingerprint(out_arr),
+        )
+        hit = _prepared.get(key)  # type: ignore[arg-type]
+    except Exception:  # an array Numba cannot fingerprint: no shortcut
+        key = hit = None
+    if hit is not None:
+        return hit
+    rt = kernel_rt(kind, kernel, arrays, out_arr)
+    p = None
+    if not process and kind != "reduce":  # (reduce: the partials' type comes per call)
+        p = plan(kind, kernel, rt, _CTRL_LIKE, NO_ORDER, tuple(arrays), out_arr)
+    prep = Prepared(kernel_name(kernel), rt, p, kernel_ref(kernel) if process else None)
+    if key is not None:
+        if len(_prepared) >= _PREPARED_MAX:
+            del _prepared[next(iter(_prepared))]
+        _prepared[key] = prep
+    return prep
+
+
 def _fold(partials: Sequence[Any], combine: Any, identity: Any) -> Any:
     acc = identity
     for i, p in enumerate(partials):
         acc = p if (acc is None and i == 0) else combine(acc, p)
     return acc
-
-
-def _release_after(pool: Pool, arena: _Arena, futures: list[Any]) -> None:
-    pending = [f for f in futures if not f.done()]
-    if not pending:
-        _release(pool, arena)
-        return
-    left = [len(pending)]
-    lock = threading.Lock()
-
-    def one_done(_: Any) -> None:
-        with lock:
-            left[0] -= 1
-            last = left[0] == 0
-        if last:
-            _release(pool, arena)
-
-    for f in pending:
-        f.add_done_callback(one_done)
-
-
-def _count_out(ctrl: np.ndarray, t: int, future: Any) -> None:
-    """A driver task's future resolved: count the task out if its driver did not (it
-    died, failed before its loop, or found the job done); see ``_drivers.left``."""
-    D.left(ctrl, t)
-
-
-_SPIN_NS = 100_000  # a short job ends within this: catch it spinning, without sleeping
-_CORES = usable_cores()
-
-
-def _complete(ctrl: np.ndarray) -> bool:
-    """Every chunk of this attempt is written and nothing asked the drivers to stop."""
-    return bool(D.status(ctrl) & D.COMPLETE)
-
-
-def _all_left(ctrl: np.ndarray) -> bool:
-    return bool(D.status(ctrl) & D.ALL_LEFT)
-
-
-def _either(ctrl: np.ndarray) -> bool:
-    return bool(D.status(ctrl))
-
-
-def _wait_bell(
-    ctrl: np.ndarray,
-    until: Callable[[np.ndarray], bool],
-    deadline: float | None,
-    bar: Any,
-    spin_on: Pool | None = None,
-) -> None:
-    """Wait until ``until(ctrl)``. Everything that can make it true rings J_BELL (the
-    last chunk written, the last task gone), so checking after reading the bell and then
-    waiting for the bell to change misses nothing. With ``spin_on`` (the job's pool),
-    spin briefly first."""
-    if spin_on is not None:
-        # Spin first (without the GIL): the wake-up of a sleeping caller costs tens of
-        # microseconds, more than a small job. Results that arrive meanwhile are ours
-        # to collect (see _wait_all); only for the spin, though: while this thread
-        # sleeps, the collector must run, or a task queued behind an uncollected result
-        # would wait for the whole job.
-        with spin_on._collecting():
-            _spin.spin_until_at_least(ctrl, D.J_BELL, 1, _SPIN_NS, D.J_SCRATCH)
-    while True:
-        seen = int(at.load(ctrl, D.J_BELL))
-        if until(ctrl):
-            return
-        left = None if deadline is None else deadline - time.monotonic()
-        if left is not None and left <= 0:
-            at.store(ctrl, D.J_CLAIM, D.STOP)
-            raise TimeoutError("transform: the job did not finish within its timeout")
-        step = 60.0 if left is None else left
-        at.wait(ctrl, D.J_BELL, seen, min(step, 0.1) if bar is not None else step)
-        if bar is not None:
-            bar.update_to(int(at.load(ctrl, D.J_DONE)))
-
-
-def _wait_all(
-    futures: list[Any], deadline: float | None, ctrl: np.ndarray | None, bar: Any
-) -> list[BaseException | None]:
-    errors: list[BaseException | None] = []
-    for f in futures:
-        while True:
-            left = None if deadline is None else deadline - time.monotonic()
-            if left is not None and left <= 0:
-                if ctrl is not None:
-                    at.store(ctrl, D.J_CLAIM, D.STOP)
-                raise TimeoutError("transform: the job did not finish within its timeout")
-            step = left if bar is None else min(0.1, left if left is not None else 0.1)
-            try:
-                errors.append(f.exception(step))
-                break
-            except TimeoutError:
-                if bar is not None and ctrl is not None:
-                    bar.update_to(int(at.load(ctrl, D.J_DONE)))
-    return errors
-
-
-def _run_shared(
-    kind: str,
-    kernel: Any,
-    rt: Any,
-    pool: Pool,
-    process: bool,
-    arrays: list[np.ndarray],
-    out_arr: Any,
-    n: int,
-    chunk: int,
-    nchunks: int,
-    overlap: int,
-    progress: bool,
-    retries: int,
-    timeout: float | None,
-    in_objs: Sequence[Any],
-    out_obj: Any,
-    one_shot: bool = False,
-) -> Any:
-    deadline = None if timeout is None else time.monotonic() + timeout
-    temps: list[SharedArray] = []
-    copy_back: tuple[np.ndarray, np.ndarray] | None = None
-    if kind == "reduce":
-        first = kernel(*(a[:chunk] for a in arrays))  # also gives the partials' shape
-        pshape, pdtype = np.shape(first), np.asarray(first).dtype
-        out_arr = np.empty((nchunks, *pshape), pdtype)
-    if process:
-        # Workers attach by handle: everything they touch must be a segment.
-        def shared(a: np.ndarray, obj: Any) -> SharedArray:
-            if isinstance(obj, SharedArray):
-                return obj
-            sa = SharedArray.create(a.shape, a.dtype)  # a one-time copy into shared memory
-            sa.array[...] = a
-            temps.append(sa)
-            return sa
-
-        in_sas = [shared(a, obj) for a, obj in zip(arrays, in_objs, strict=True)]
-        out_sa = out_obj if isinstance(out_obj, SharedArray) else None
-        if out_sa is None:
-            out_sa = SharedArray.create(out_arr.shape, out_arr.dtype)
-            temps.append(out_sa)
-            copy_back = (out_sa.array, out_arr)
-            if any(np.may_share_memory(out_arr, a) for a in arrays):
-                out_sa.array[...] = out_arr
-    arena = _arena(pool, D.ctrl_words(nchunks))
-    every_future: list[Any] = []  # of every attempt: the arena is ours until all resolve
-    ctrl = arena.words
-    in_place = kind != "reduce" and any(np.may_share_memory(out_arr, a) for a in arrays)
-    bar = Progress(nchunks) if progress else None
-    order = NO_ORDER
-    order_sa: SharedArray | None = None
-    try:
-        D.reset(ctrl, nchunks)
-        name = kernel_name(kernel)
-        ref = kernel_ref(kernel) if process else None
-        while True:
-            nwork = order.shape[0] if order.shape[0] else nchunks
-            ntasks = min(pool.max_workers, nwork, D.MAX_TASKS)
-            D.begin_attempt(ctrl, nwork, ntasks)
-            if process:
-                assert ref is not None and arena.shared is not None and out_sa is not None
-                job = Job(
-                    kind,
-                    ref,
-                    arena.shared.handle,
-                    order_sa.handle if order_sa is not None else None,
-                    tuple(sa.handle for sa in in_sas),
-                    out_sa.handle,
-                    n,
-                    chunk,
-                    nchunks,
-                    overlap,
-                    keep=not one_shot,
-                )
-                packed = pack(job)
-                futures = [pool._submit_spread(run_task, packed, t) for t in range(ntasks)]
-                every_future += futures
-                for t, f in enumerate(futures):
-                    f.add_done_callback(functools.partial(_count_out, ctrl, t))
-            else:
-                # The caller runs driver 0 itself (it would only wait otherwise): a
-                # one-chunk job never touches the pool, and no task pays a wake-up.
-                ins = tuple(arrays)
-                p = plan(kind, kernel, rt, ctrl, order, ins, out_arr)
-                run = functools.partial(drive, p, name, ctrl)
-                rest = (order, ins, out_arr, n, chunk, nchunks, overlap)
-                futures = [pool.submit(run, t, *rest) for t in range(1, ntasks)]
-                every_future += futures
-                for t, f in enumerate(futures, start=1):
-                    f.add_done_callback(functools.partial(_count_out, ctrl, t))
-                try:
-                    run(0, *rest)
-                except BaseException:
-                    for f in futures:  # stopped by the STOP flag; wait for them to leave
-                        f.exception(
-                            None if deadline is None else max(0.0, deadline - time.monotonic())
-                        )
-                    raise
-            # The driver that writes the last chunk wakes us: the output is complete.
-            # Tasks that have not started yet (a worker slow to wake) will find nothing
-            # to claim and leave; the arena stays theirs until they have (_release_after).
-            # Spin first, unless that takes a core from a worker: on processes the
-            # caller is one more runnable thread, and a worker queued behind its spin
-            # on a core would start late while the other workers take its share.
-            _wait_bell(
-                ctrl, _either, deadline, bar, pool if not process or ntasks < _CORES else None
-            )
-            if _complete(ctrl):
-                # The results of tasks that already left are microseconds away: taking
-                # them here (a caller spinning in result()) is faster than leaving them
-                # to the pool's collector thread, which would then compete with this
-                # thread for the GIL during the next call.
-                first = 0 if process else 1
-                _wait_all(
-                    [f for t, f in enumerate(futures, first) if ctrl[D.J_EXIT + t]],
-                    deadline,
-                    None,
-                    None,
-                )
-                break
-            # Something failed: wait for every task to leave and see what went wrong.
-            _wait_bell(ctrl, _all_left, deadline, bar)
-            errors = _wait_all(futures, deadline, ctrl, None)
-            lost = np.flatnonzero(ctrl[D.J_FLAGS : D.J_FLAGS + nchunks] == 0)
-            stopped = int(ctrl[D.J_CLAIM]) >= D.STOP
-            if not stopped and lost.size == 0:
-                break
-            failure = next(
-                (e for e in errors if e is not None and not isinstance(e, WorkerCrashedError)),
-                None,
-            )
-            if failure is not None:
-                raise failure
-            crashed = [e for e in errors if isinstance(e, WorkerCrashedError)]
-            if not crashed:  # pragma: no cover - a stop or a gap always has a cause
-                raise TransformError(
-                    f"{name}'s job stopped with chunks {lost.tolist()[:10]} unwritten and "
-                    "no error reported"
-                )
-            if retries == 0 or in_place or lost.size == 0:
-                why = (
-                    "the kernel writes in place, so a half-written chunk cannot be re-run"
-                    if in_place
-                    else "retries ran out"
-                )
-                raise WorkerCrashedError(
-                    f"a worker died during {name}'s job and chunks {lost.tolist()[:10]} were "
-                    f"lost; {why}. The output is incomplete and was not returned",
-                    pid=crashed[0].pid,
-                    exitcode=crashed[0].exitcode,
-                ) from crashed[0]
-            retries -= 1
-            # Re-run only the lost chunks.
-            if process:
-                if order_sa is not None:
-                    order_sa.unlink()
-                    order_sa.close()
-                order_sa = SharedArray.create(lost.size, np.int64)
-                order_sa.array[:] = lost
-                order = order_sa.array
-            else:
-                order = lost.astype(np.int64)
-        if copy_back is not None:
-            copy_back[1][...] = copy_back[0]
-        if bar is not None:
-            bar.update_to(nchunks)
-        return list(out_arr) if kind == "reduce" else None
-    finally:
-        if bar is not None:
-            bar.close()
-        # A task whose driver already left may still be resolving its future; its
-        # callback writes this arena's exit words, so the arena goes back to the pool
-        # only when every future of this job has resolved.
-        _release_after(pool, arena, every_future)
-        if order_sa is not None:
-            order_sa.unlink()
-            order_sa.close()
-        for sa in temps:
-            sa.unlink()
-            sa.close()
 
 
 class _CallableModule(ModuleType):

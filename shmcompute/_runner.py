@@ -1,0 +1,405 @@
+"""The caller's side of a share- or transfer-mode job: control words, driver tasks,
+waiting for the bell, re-running chunks a crash lost.
+
+::
+
+    caller (run_job)                              driver tasks (pool workers)
+    ----------------                              ---------------------------
+    take an arena (control words), reset it
+    submit driver tasks 1..N-1 (threads) or       claim chunks: i = J_CLAIM++ ...
+      0..N-1 (processes), run driver 0 itself       write chunk i, J_DONE += 1
+      on threads                                    the last chunk rings J_BELL
+    wait for J_BELL: complete -> return           leave: J_EXITED += 1 (the last
+                     failed   -> wait for every     one rings J_BELL too)
+                                 task, re-run
+                                 the lost chunks
+    the arena goes back to the pool when every
+    task's future has resolved (release_after)
+
+``transform`` compiles the kernel and plans the chunks once per kernel and array layouts
+(:class:`Prepared`); everything here runs on every call, so it is kept short.
+"""
+
+from __future__ import annotations
+
+import functools
+import threading
+import time
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple
+
+import numpy as np
+
+from . import _drivers as D
+from . import atomics as at
+from ._jobs import NO_ORDER, Job, KernelRef, Plan, drive, pack, plan, run_task
+from .array import SharedArray
+from .errors import TransformError, WorkerCrashedError
+from .modes import Progress
+from .pool import Pool, _spin
+from .pool.sizing import usable_cores
+
+
+class Prepared(NamedTuple):
+    """What the checks and the compiler decided for a kernel and the layouts of its
+    arrays: ``transform`` keeps it for the next call with the same ones."""
+
+    name: str  # the kernel's name, for errors
+    rt: Any  # the kernel's Numba return type
+    plan: Plan | None  # thread backend: the compiled driver (reduce: made per call)
+    ref: KernelRef | None  # process backend: how workers find the kernel
+
+
+# --- arenas --------------------------------------------------------------------------------
+class Arena:
+    """A job's control words (and work list), reused across jobs of one pool: making a
+    segment per call would cost ~300 us, more than a small job itself."""
+
+    def __init__(self, process: bool, words: int) -> None:
+        self.process = process
+        self.shared = SharedArray.create(words, np.int64) if process else None
+        self.words = self.shared.array if self.shared is not None else np.zeros(words, np.int64)
+
+    def close(self) -> None:
+        if self.shared is not None:
+            self.shared.unlink()
+            self.shared.close()
+
+
+ARENAS = 2  # made together, on a pool's first job
+ARENA_WAIT = 0.05  # seconds to wait for a busy arena before making one more
+ARENA_WORDS = D.ctrl_words(4096)  # the usual size: jobs of up to 4096 chunks
+
+
+class _Arenas:
+    """A pool's arenas. Invariant: ``busy + len(free)`` arenas exist for this pool."""
+
+    def __init__(self, lock: Any) -> None:
+        self.free: list[Arena] = []
+        self.busy = 0
+        self.cond = threading.Condition(lock)
+
+
+def arena(pool: Pool, words: int) -> Arena:
+    """A free arena of at least ``words``. An arena stays busy until every task of its
+    job has resolved (see ``release_after``), which can be after the job returned: a
+    task that woke after the others had done every chunk still has to leave. So a pool
+    gets two arenas at once, back-to-back jobs alternate between them without waiting,
+    and a third job at the same time waits a little for one to come back (microseconds,
+    usually) before it makes another. The pool frees them when it closes."""
+    with pool._lock:
+        state: _Arenas | None = pool.__dict__.get("_arenas")
+        if state is None:
+            state = pool.__dict__["_arenas"] = _Arenas(pool._lock)
+        deadline = None
+        while True:
+            for i, a in enumerate(state.free):
+                if a.words.shape[0] >= words:
+                    state.busy += 1
+                    return state.free.pop(i)
+            now = time.monotonic()
+            deadline = now + ARENA_WAIT if deadline is None else deadline
+            if (
+                state.busy + len(state.free) < ARENAS
+                or now >= deadline
+                or words > ARENA_WORDS  # a busy arena of the usual size would not do
+            ):
+                break
+            state.cond.wait(deadline - now)
+        state.busy += 1
+        spare = state.busy + len(state.free) < ARENAS
+    size = max(words, ARENA_WORDS)
+    made = Arena(pool.backend == "process", size)
+    pool._on_close(made.close)
+    if spare:
+        extra = Arena(pool.backend == "process", size)
+        pool._on_close(extra.close)
+        release(pool, extra, busy=False)
+    return made
+
+
+def release(pool: Pool, a: Arena, busy: bool = True) -> None:
+    with pool._lock:
+        state: _Arenas = pool.__dict__["_arenas"]
+        state.free.append(a)
+        state.busy -= busy
+        state.cond.notify()
+
+
+def release_after(pool: Pool, a: Arena, futures: list[Any]) -> None:
+    """Give the arena back once every one of ``futures`` has resolved: a task whose
+    driver already left may still be resolving its future, and its callback writes this
+    arena's exit words."""
+    pending = [f for f in futures if not f.done()]
+    if not pending:
+        release(pool, a)
+        return
+    left = [len(pending)]
+    lock = threading.Lock()
+
+    def one_done(_: Any) -> None:
+        with lock:
+            left[0] -= 1
+            last = left[0] == 0
+        if last:
+            release(pool, a)
+
+    for f in pending:
+        f.add_done_callback(one_done)
+
+
+def _count_out(ctrl: np.ndarray, t: int, future: Any) -> None:
+    """A driver task's future resolved: count the task out if its driver did not (it
+    died, failed before its loop, or found the job done); see ``_drivers.left``."""
+    D.left(ctrl, t)
+
+
+# --- waiting -------------------------------------------------------------------------------
+SPIN_NS = 100_000  # a short job ends within this: catch it spinning, without sleeping
+CORES = usable_cores()
+
+
+def _complete(ctrl: np.ndarray) -> bool:
+    """Every chunk of this attempt is written and nothing asked the drivers to stop."""
+    return bool(D.status(ctrl) & D.COMPLETE)
+
+
+def _all_left(ctrl: np.ndarray) -> bool:
+    return bool(D.status(ctrl) & D.ALL_LEFT)
+
+
+def _either(ctrl: np.ndarray) -> bool:
+    return bool(D.status(ctrl))
+
+
+def wait_bell(
+    ctrl: np.ndarray,
+    until: Callable[[np.ndarray], bool],
+    deadline: float | None,
+    bar: Any,
+    spin_on: Pool | None = None,
+) -> None:
+    """Wait until ``until(ctrl)``. Everything that can make it true rings J_BELL (the
+    last chunk written, the last task gone), so checking after reading the bell and then
+    waiting for the bell to change misses nothing. With ``spin_on`` (the job's pool),
+    spin briefly first."""
+    if spin_on is not None and not until(ctrl):
+        # Spin first (without the GIL): the wake-up of a sleeping caller costs tens of
+        # microseconds, more than a small job. Results that arrive meanwhile are ours
+        # to collect (see wait_all); only for the spin, though: while this thread
+        # sleeps, the collector must run, or a task queued behind an uncollected result
+        # would wait for the whole job.
+        with spin_on._collecting():
+            _spin.spin_until_at_least(ctrl, D.J_BELL, 1, SPIN_NS, D.J_SCRATCH)
+    while True:
+        seen = int(at.load(ctrl, D.J_BELL))
+        if until(ctrl):
+            return
+        left = None if deadline is None else deadline - time.monotonic()
+        if left is not None and left <= 0:
+            at.store(ctrl, D.J_CLAIM, D.STOP)
+            raise TimeoutError("transform: the job did not finish within its timeout")
+        step = 60.0 if left is None else left
+        at.wait(ctrl, D.J_BELL, seen, min(step, 0.1) if bar is not None else step)
+        if bar is not None:
+            bar.update_to(int(at.load(ctrl, D.J_DONE)))
+
+
+def wait_all(
+    futures: list[Any], deadline: float | None, ctrl: np.ndarray | None, bar: Any
+) -> list[BaseException | None]:
+    errors: list[BaseException | None] = []
+    for f in futures:
+        while True:
+            left = None if deadline is None else deadline - time.monotonic()
+            if left is not None and left <= 0:
+                if ctrl is not None:
+                    at.store(ctrl, D.J_CLAIM, D.STOP)
+                raise TimeoutError("transform: the job did not finish within its timeout")
+            step = left if bar is None else min(0.1, left if left is not None else 0.1)
+            try:
+                errors.append(f.exception(step))
+                break
+            except TimeoutError:
+                if bar is not None and ctrl is not None:
+                    bar.update_to(int(at.load(ctrl, D.J_DONE)))
+    return errors
+
+
+# --- one job ---------------------------------------------------------------------------------
+def _shared(a: np.ndarray, obj: Any, temps: list[SharedArray]) -> SharedArray:
+    """``obj`` as a segment a worker process can attach: itself, or a one-time copy."""
+    if isinstance(obj, SharedArray):
+        return obj
+    sa = SharedArray.create(a.shape, a.dtype)
+    sa.array[...] = a
+    temps.append(sa)
+    return sa
+
+
+def run_job(
+    kind: str,
+    kernel: Any,
+    prep: Prepared,
+    pool: Pool,
+    arrays: list[np.ndarray],
+    out_arr: Any,
+    n: int,
+    chunk: int,
+    nchunks: int,
+    overlap: int,
+    progress: bool,
+    retries: int,
+    timeout: float | None,
+    in_objs: Sequence[Any],
+    out_obj: Any,
+    one_shot: bool = False,
+) -> Any:
+    """Run ``prep``'s job over ``arrays`` into ``out_arr`` (reduce: return the partials)."""
+    process = pool.backend == "process"
+    deadline = None if timeout is None else time.monotonic() + timeout
+    temps: list[SharedArray] = []
+    copy_back: tuple[np.ndarray, np.ndarray] | None = None
+    if kind == "reduce":
+        first = kernel(*(a[:chunk] for a in arrays))  # also gives the partials' shape
+        out_arr = np.empty((nchunks, *np.shape(first)), np.asarray(first).dtype)
+    if process:
+        # Workers attach by handle: everything they touch must be a segment.
+        in_sas = [_shared(a, obj, temps) for a, obj in zip(arrays, in_objs, strict=True)]
+        out_sa = out_obj if isinstance(out_obj, SharedArray) else None
+        if out_sa is None:
+            out_sa = SharedArray.create(out_arr.shape, out_arr.dtype)
+            temps.append(out_sa)
+            copy_back = (out_sa.array, out_arr)
+            if any(np.may_share_memory(out_arr, a) for a in arrays):
+                out_sa.array[...] = out_arr
+    job_arena = arena(pool, D.ctrl_words(nchunks))
+    every_future: list[Any] = []  # of every attempt: the arena is ours until all resolve
+    ctrl = job_arena.words
+    bar = Progress(nchunks) if progress else None
+    order = NO_ORDER
+    order_sa: SharedArray | None = None
+    try:
+        D.reset(ctrl, nchunks)
+        while True:
+            nwork = order.shape[0] if order.shape[0] else nchunks
+            ntasks = min(pool.max_workers, nwork, D.MAX_TASKS)
+            D.begin_attempt(ctrl, nwork, ntasks)
+            if process:
+                assert prep.ref is not None and job_arena.shared is not None and out_sa is not None
+                job = Job(
+                    kind,
+                    prep.ref,
+                    job_arena.shared.handle,
+                    order_sa.handle if order_sa is not None else None,
+                    tuple(sa.handle for sa in in_sas),
+                    out_sa.handle,
+                    n,
+                    chunk,
+                    nchunks,
+                    overlap,
+                    keep=not one_shot,
+                )
+                packed = pack(job)
+                futures = [pool._submit_spread(run_task, packed, t) for t in range(ntasks)]
+                every_future += futures
+                for t, f in enumerate(futures):
+                    f.add_done_callback(functools.partial(_count_out, ctrl, t))
+            else:
+                # The caller runs driver 0 itself (it would only wait otherwise): a
+                # one-chunk job never touches the pool, and no task pays a wake-up.
+                ins = tuple(arrays)
+                p = prep.plan or plan(kind, kernel, prep.rt, ctrl, order, ins, out_arr)
+                rest = (order, ins, out_arr, n, chunk, nchunks, overlap)
+                futures = [
+                    pool.submit(drive, p, prep.name, ctrl, t, *rest) for t in range(1, ntasks)
+                ]
+                every_future += futures
+                for t, f in enumerate(futures, start=1):
+                    f.add_done_callback(functools.partial(_count_out, ctrl, t))
+                try:
+                    drive(p, prep.name, ctrl, 0, *rest)
+                except BaseException:
+                    for f in futures:  # stopped by the STOP flag; wait for them to leave
+                        f.exception(
+                            None if deadline is None else max(0.0, deadline - time.monotonic())
+                        )
+                    raise
+            # The driver that writes the last chunk wakes us: the output is complete.
+            # Tasks that have not started yet (a worker slow to wake) will find nothing
+            # to claim and leave; the arena stays theirs until they have (release_after).
+            # Spin first, unless that takes a core from a worker: on processes the
+            # caller is one more runnable thread, and a worker queued behind its spin
+            # on a core would start late while the other workers take its share.
+            wait_bell(ctrl, _either, deadline, bar, pool if not process or ntasks < CORES else None)
+            if _complete(ctrl):
+                # The results of tasks that already left are microseconds away: taking
+                # them here (a caller spinning in result()) is faster than leaving them
+                # to the pool's collector thread, which would then compete with this
+                # thread for the GIL during the next call.
+                first = 0 if process else 1
+                done = [f for t, f in enumerate(futures, first) if ctrl[D.J_EXIT + t]]
+                if done:
+                    wait_all(done, deadline, None, None)
+                break
+            # Something failed: wait for every task to leave and see what went wrong.
+            wait_bell(ctrl, _all_left, deadline, bar)
+            errors = wait_all(futures, deadline, ctrl, None)
+            lost = np.flatnonzero(ctrl[D.J_FLAGS : D.J_FLAGS + nchunks] == 0)
+            stopped = int(ctrl[D.J_CLAIM]) >= D.STOP
+            if not stopped and lost.size == 0:
+                break
+            failure = next(
+                (e for e in errors if e is not None and not isinstance(e, WorkerCrashedError)),
+                None,
+            )
+            if failure is not None:
+                raise failure
+            crashed = [e for e in errors if isinstance(e, WorkerCrashedError)]
+            if not crashed:  # pragma: no cover - a stop or a gap always has a cause
+                raise TransformError(
+                    f"{prep.name}'s job stopped with chunks {lost.tolist()[:10]} unwritten "
+                    "and no error reported"
+                )
+            in_place = kind != "reduce" and any(np.may_share_memory(out_arr, a) for a in arrays)
+            if retries == 0 or in_place or lost.size == 0:
+                why = (
+                    "the kernel writes in place, so a half-written chunk cannot be re-run"
+                    if in_place
+                    else "retries ran out"
+                )
+                raise WorkerCrashedError(
+                    f"a worker died during {prep.name}'s job and chunks {lost.tolist()[:10]} "
+                    f"were lost; {why}. The output is incomplete and was not returned",
+                    pid=crashed[0].pid,
+                    exitcode=crashed[0].exitcode,
+                ) from crashed[0]
+            retries -= 1
+            # Re-run only the lost chunks.
+            if process:
+                if order_sa is not None:
+                    order_sa.unlink()
+                    order_sa.close()
+                order_sa = SharedArray.create(lost.size, np.int64)
+                order_sa.array[:] = lost
+                order = order_sa.array
+            else:
+                order = lost.astype(np.int64)
+        if copy_back is not None:
+            copy_back[1][...] = copy_back[0]
+        if bar is not None:
+            bar.update_to(nchunks)
+        return list(out_arr) if kind == "reduce" else None
+    finally:
+        if bar is not None:
+            bar.close()
+        # A task whose driver already left may still be resolving its future; its
+        # callback writes this arena's exit words, so the arena goes back to the pool
+        # only when every future of this job has resolved.
+        release_after(pool, job_arena, every_future)
+        if order_sa is not None:
+            order_sa.unlink()
+            order_sa.close()
+        for sa in temps:
+            sa.unlink()
+            sa.close()
