@@ -53,6 +53,7 @@ job (~0.1-0.5 s once per worker).
 from __future__ import annotations
 
 import atexit
+import functools
 import math
 import sys
 import threading
@@ -101,20 +102,22 @@ def default_pool() -> Pool:
 
 
 # --- argument checks -----------------------------------------------------------------------------
-def _as_array(x: Any, what: str) -> np.ndarray:
+def _as_array(x: Any, what: str | int) -> np.ndarray:
+    """``x`` as a NumPy array; ``what`` names it in the error (an int: that input)."""
     if isinstance(x, SharedArray):
         return x.array
     if isinstance(x, np.ndarray):
         return x
     raise ArgumentTypeError(
-        f"{what} must be a NumPy array or a SharedArray, got {type(x).__name__}"
+        f"{f'input {what}' if isinstance(what, int) else what} must be a NumPy array or a "
+        f"SharedArray, got {type(x).__name__}"
     )
 
 
 def _check_inputs(inputs: Sequence[Any]) -> list[np.ndarray]:
     if not inputs:
         raise ArgumentError("transform needs at least one input array")
-    arrays = [_as_array(x, f"input {i}") for i, x in enumerate(inputs)]
+    arrays = [_as_array(x, i) for i, x in enumerate(inputs)]
     n = arrays[0].shape[0] if arrays[0].ndim else None
     for i, a in enumerate(arrays):
         if a.ndim == 0:
@@ -147,6 +150,8 @@ def _check_out(out: np.ndarray, n: int) -> None:
 
 
 def _check_int(name: str, value: Any, lo: int) -> int:
+    if type(value) is int and value >= lo:
+        return value
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
         raise ArgumentTypeError(f"{name} must be an int, got {type(value).__name__}")
     if value < lo:
@@ -161,6 +166,9 @@ def default_chunk_size(n: int, row_bytes: int, workers: int, overlap: int = 0) -
     floor = math.ceil(_MIN_CHUNK_BYTES / row_bytes)
     cap = max(floor, _MAX_CHUNK_BYTES // row_bytes)
     return max(1, floor, min(by_workers, cap), _HALOS_PER_CHUNK * overlap)
+
+
+_default_chunk_size = functools.lru_cache(maxsize=1024)(default_chunk_size)  # ~1 us a call
 
 
 # --- the public functions -----------------------------------------------------------------------
@@ -303,7 +311,7 @@ def _run(
     workers = pool.max_workers
     row_bytes = max(a.strides[0] if a.ndim else a.itemsize for a in arrays) or 1
     if chunk_size is None:
-        chunk = default_chunk_size(n, row_bytes, workers, overlap)
+        chunk = _default_chunk_size(n, row_bytes, workers, overlap)
     else:
         chunk = _check_int("chunk_size", chunk_size, 1)
     nchunks = math.ceil(n / chunk) if n else 0
