@@ -4,15 +4,18 @@ Sections (each verified against a reference before its figures are shown):
 
 * ``cpu``: 32 steps of ``v = v + 0.3 + 0.1*sin(v)*cos(v)`` per float64 element;
 * ``memory``: ``y = 2.5*x + 1`` (bandwidth-bound);
+* ``small``: the same on 1,000 elements, call after call: each tool's fixed cost per
+  call (a direct call of the kernel in one thread is the floor);
 * ``roundtrip``: submit a trivial task and wait for its result, one at a time;
 * ``modes``: share / copy / transfer over payload sizes.
 
 Peers: NumPy, one Numba thread, Numba ``prange``, ``ThreadPoolExecutor``,
 ``ProcessPoolExecutor``, ``multiprocessing.Pool`` and joblib (skipped when not
 installed). Every figure is a median over ``--repeat`` runs after a warm-up; the table
-gives each row's speed relative to the best peer (2.00x = twice as fast). The ``cpu``
-and ``memory`` sides run interleaved, in rounds (each round runs every side once, in a
-rotated order), so that a slow spell of a shared machine falls on all of them alike.
+gives each row's speed relative to the best peer (2.00x = twice as fast). The ``cpu``,
+``memory`` and ``small`` sides run interleaved, in rounds (each round runs every side
+once, in a rotated order), so that a slow spell of a shared machine falls on all of
+them alike.
 """
 
 from __future__ import annotations
@@ -35,7 +38,7 @@ from typing import Any
 
 import numpy as np
 
-SECTIONS = ("cpu", "memory", "roundtrip", "modes")
+SECTIONS = ("cpu", "memory", "small", "roundtrip", "modes")
 _PRELOAD = [
     "numpy",
     "numba",
@@ -335,6 +338,82 @@ def _array_section(b: _Bench, pools: dict[str, Any], section: str, n: int) -> No
         _interleave_rounds(b, section, n, sides)
 
 
+def _small_section(b: _Bench, pools: dict[str, Any], n: int, calls: int) -> None:
+    """The fixed cost of a call: ``calls`` back-to-back transforms of ``n`` elements
+    per run, reported per call. Parallelism cannot pay off at this size; what is left is
+    each tool's own overhead, and a direct call of the kernel is the floor."""
+    import numba
+
+    from . import _bench_kernels as K
+    from .array import SharedArray, from_numpy
+    from .transform import transform
+
+    x = np.random.default_rng(1).random(n)
+    ref = 2.5 * x + 1.0
+    out = np.empty(n)
+    w = b.workers
+    parts = _chunks(n, w)
+    threads = min(w, numba.config.NUMBA_NUM_THREADS)  # type: ignore[attr-defined]
+
+    def same() -> bool:
+        return bool(np.allclose(out, ref))
+
+    def wipe() -> None:
+        out.fill(np.nan)
+
+    def repeated(call: Callable[[], Any]) -> Callable[[], None]:
+        def run() -> None:
+            for _ in range(calls):
+                call()
+
+        return run
+
+    def prange_call() -> None:
+        old = numba.get_num_threads()
+        numba.set_num_threads(threads)
+        try:
+            K.affine_prange(x, out)
+        finally:
+            numba.set_num_threads(old)
+
+    def tpe_call() -> None:
+        list(pools["tpe"].map(lambda s: K.affine(x[s], out[s]), parts))
+
+    def copy_call(pool: Any) -> Callable[[], None]:
+        def call() -> None:
+            for s, r in zip(parts, pool.map(K.affine_chunk, [x[s] for s in parts]), strict=True):
+                out[s] = r
+
+        return call
+
+    with from_numpy(x) as sx, SharedArray.create(n, np.float64) as so:
+
+        def shm_same() -> bool:
+            return bool(np.allclose(so.array, ref))
+
+        def shm_wipe() -> None:
+            so.array.fill(np.nan)
+
+        def side(
+            name: str, kind: str, call: Callable[[], Any], shm: bool = False, settle: float = 0
+        ) -> _Side:
+            check, clear = (shm_same, shm_wipe) if shm else (same, wipe)
+            return _Side(name, kind, repeated(call), check, clear, b.repeat, settle)
+
+        sides = [
+            side("numba, 1 thread (direct call)", "peer", lambda: K.affine(x, out)),
+            # Numba's threads spin ~10 ms after a prange call: let them settle.
+            side(f"numba prange, {threads} threads", "peer", prange_call, settle=0.05),
+            side("ThreadPoolExecutor (views)", "peer", tpe_call),
+            side("ProcessPoolExecutor.map (copy)", "peer", copy_call(pools["ppe"])),
+            side("multiprocessing.Pool.map (copy)", "peer", copy_call(pools["mp"])),
+        ]
+        for key, label in (("shm-thread", "thread"), ("shm-process", "process")):
+            call = functools.partial(transform, K.affine, sx, out=so, pool=pools[key])
+            sides.append(side(f"shmcompute {label} (share)", "shmcompute", call, shm=True))
+        _interleave_rounds(b, "small", n, sides)
+
+
 def _roundtrip_section(b: _Bench, pools: dict[str, Any], rounds: int) -> None:
     from . import _bench_kernels as K
 
@@ -520,6 +599,7 @@ def _table(report: Report) -> str:
     titles = {
         "cpu": "CPU-bound transform (32 sin/cos steps per element)",
         "memory": "memory-bound transform (y = 2.5x + 1)",
+        "small": "small transform (y = 2.5x + 1), call after call, per call",
         "roundtrip": "task round trip (submit, wait for the result), per task",
         "modes": "moving the data, process backend (share / copy / transfer; O(1) kernel)",
     }
@@ -538,9 +618,7 @@ def _table(report: Report) -> str:
         lines.append(f"\n{titles[section]}{': ' + what if what else ''}")
         peers = [r.median_s for r in rows if r.kind == "peer"]
         best_peer = min(peers) if peers else None
-        per = rows[0].size if section == "roundtrip" else 1
-        unit = "us" if section == "roundtrip" else "ms"
-        scale = 1e6 if section == "roundtrip" else 1e3
+        per, scale, unit = _per(report, section, rows)
         lines.append(f"  {'':40s} {'median':>10s} {'best':>10s} {'vs best peer':>13s}  check")
         for r in sorted(rows, key=lambda r: r.median_s) if section != "modes" else rows:
             vs = f"{_num(best_peer / r.median_s)}x" if best_peer else "-"
@@ -552,6 +630,15 @@ def _table(report: Report) -> str:
     if report.skipped:
         lines.append("\nskipped: " + "; ".join(report.skipped))
     return "\n".join(lines)
+
+
+def _per(report: Report, section: str, rows: list[Row]) -> tuple[int, float, str]:
+    """How a section's times are shown: (divide by, scale, unit)."""
+    if section == "roundtrip":
+        return rows[0].size, 1e6, "us"
+    if section == "small":
+        return report.settings["small_calls"], 1e6, "us"
+    return 1, 1e3, "ms"
 
 
 def _plot(report: Report, folder: str) -> list[str]:
@@ -569,8 +656,8 @@ def _plot(report: Report, folder: str) -> list[str]:
         if not rows:
             continue
         fig, ax = plt.subplots(figsize=(8, 0.45 * len(rows) + 1.2))
-        per = rows[0].size if section == "roundtrip" else 1
-        scale, unit = (1e6, "us per task") if section == "roundtrip" else (1e3, "ms")
+        per, scale, unit = _per(report, section, rows)
+        unit = {"us": "us per task" if section == "roundtrip" else "us per call"}.get(unit, unit)
         names = [r.name for r in rows]
         values = [r.median_s / per * scale for r in rows]
         colors = ["tab:blue" if r.kind == "shmcompute" else "tab:gray" for r in rows]
@@ -607,6 +694,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--cpu-size", type=int, default=1_000_000)
     parser.add_argument("--mem-size", type=int, default=16_000_000)
+    parser.add_argument("--small-size", type=int, default=1000)
+    parser.add_argument("--small-calls", type=int, default=200, help="calls per timed run")
     parser.add_argument("--roundtrips", type=int, default=2000)
     parser.add_argument("--mode-sizes", default="1KiB,1MiB,64MiB")
     parser.add_argument("--repeat", type=int, default=5)
@@ -623,7 +712,7 @@ def main(argv: list[str] | None = None) -> int:
     bad = [s for s in sections if s not in SECTIONS]
     if bad:
         parser.error(f"--sections: unknown {bad}; choose from {','.join(SECTIONS)}")
-    for name in ("cpu_size", "mem_size", "roundtrips", "repeat"):
+    for name in ("cpu_size", "mem_size", "small_size", "small_calls", "roundtrips", "repeat"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1")
     try:
@@ -637,6 +726,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--workers must be >= 1")
     if args.quick:
         args.cpu_size, args.mem_size, args.roundtrips, args.repeat = 20_000, 200_000, 100, 2
+        args.small_calls = 20
         mode_sizes = [1024, 1 << 20]
 
     report = Report(
@@ -646,6 +736,8 @@ def main(argv: list[str] | None = None) -> int:
             "workers": workers,
             "cpu_size": args.cpu_size,
             "mem_size": args.mem_size,
+            "small_size": args.small_size,
+            "small_calls": args.small_calls,
             "roundtrips": args.roundtrips,
             "mode_sizes": mode_sizes,
             "repeat": args.repeat,
@@ -668,6 +760,8 @@ def main(argv: list[str] | None = None) -> int:
                 _array_section(
                     b, pools, section, args.cpu_size if section == "cpu" else args.mem_size
                 )
+            elif section == "small":
+                _small_section(b, pools, args.small_size, args.small_calls)
             elif section == "roundtrip":
                 _roundtrip_section(b, pools, args.roundtrips)
             else:

@@ -40,7 +40,13 @@ def test_bench_quick_verifies_and_saves(tmp_path):
     path = tmp_path / "bench.json"
     out = run("bench", "--quick", "--json", str(path), timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
-    for section in ("CPU-bound", "memory-bound", "task round trip", "moving the data"):
+    for section in (
+        "CPU-bound",
+        "memory-bound",
+        "small transform",
+        "task round trip",
+        "moving the data",
+    ):
         assert section in out.stdout
     assert "WRONG" not in out.stdout and "vs best peer" in out.stdout
     import json
@@ -51,6 +57,7 @@ def test_bench_quick_verifies_and_saves(tmp_path):
         "shmcompute thread (share)",
         "shmcompute process (share)",
         "numba, 1 thread",
+        "numba, 1 thread (direct call)",
         "ProcessPoolExecutor",
         "multiprocessing.Pipe ping-pong",
     } <= names
@@ -63,3 +70,5 @@ def test_bench_rejects_bad_options():
     assert out.returncode == 2 and "unknown ['gpu']" in out.stderr
     out = run("bench", "--mode-sizes", "lots")
     assert out.returncode == 2 and "not a size" in out.stderr
+    out = run("bench", "--small-calls", "0")
+    assert out.returncode == 2 and "--small-calls must be >= 1" in out.stderr
