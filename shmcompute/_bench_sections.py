@@ -1,0 +1,521 @@
+"""The measuring half of ``shmcompute bench``: timing (each side's runs interleaved in
+rounds), the pools every side shares, and one function per section. ``bench.py`` holds
+the command line, the table and the plots."""
+
+from __future__ import annotations
+
+import functools
+import math
+import multiprocessing as mp
+import statistics
+import sys
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+_PRELOAD = [
+    "numpy",
+    "numba",
+    "shmcompute.atomics",
+    "shmcompute.pool.worker",
+    "shmcompute._bench_kernels",
+    "shmcompute._jobs",
+]
+
+
+@dataclass
+class Row:
+    section: str
+    name: str
+    kind: str  # "shmcompute" or "peer"
+    median_s: float
+    best_s: float
+    ok: bool
+    note: str = ""
+    size: int = 0
+
+
+@dataclass
+class Report:
+    machine: dict[str, Any]
+    settings: dict[str, Any]
+    rows: list[Row] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+
+
+def _say(msg: str) -> None:
+    sys.stderr.write(f"\r\033[K{msg}")
+    sys.stderr.flush()
+
+
+def _time(
+    fn: Callable[[], Any], repeat: int, setup: Callable[[], Any] | None = None
+) -> list[float]:
+    if setup is not None:
+        setup()
+    fn()  # warm-up: compile, start workers, fault pages in
+    times = []
+    for _ in range(repeat):
+        if setup is not None:
+            setup()
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return times
+
+
+class _Bench:
+    def __init__(self, report: Report, repeat: int, workers: int) -> None:
+        self.report = report
+        self.repeat = repeat
+        self.workers = workers
+
+    def measure(
+        self,
+        section: str,
+        name: str,
+        kind: str,
+        fn: Callable[[], Any],
+        check: Callable[[], bool],
+        size: int = 0,
+        repeat: int | None = None,
+        setup: Callable[[], Any] | None = None,
+        note: str = "",
+    ) -> None:
+        _say(f"  {section}: {name} ...")
+        try:
+            times = _time(fn, repeat or self.repeat, setup)
+            ok = bool(check())
+        except Exception as e:  # a peer that breaks is reported, not fatal
+            self.report.skipped.append(f"{section}/{name}: {type(e).__name__}: {e}")
+            return
+        self.report.rows.append(
+            Row(section, name, kind, statistics.median(times), min(times), ok, note, size)
+        )
+
+
+@dataclass
+class _Side:
+    """One side of an interleaved comparison (see ``_Bench.interleave``)."""
+
+    name: str
+    kind: str
+    run: Callable[[], Any]
+    check: Callable[[], bool]  # after its last run: is the output right?
+    clear: Callable[[], Any]  # untimed, before its last run: wipe the output
+    repeat: int
+    settle: float = 0.0  # untimed pause after each run (prange's threads spin on)
+
+
+def _interleave_rounds(b: _Bench, section: str, size: int, sides: list[_Side]) -> None:
+    """Time ``sides`` in rounds, each round running every side once in a rotated order,
+    so that a slow minute of a shared machine lands on all of them rather than on
+    whichever ran then: the ratios between sides are what the table shows. Each side's
+    output is wiped before its last run and checked right after it."""
+    live: list[_Side] = []
+    for side in sides:  # warm-up: compile, start workers, fault pages in
+        _say(f"  {section}: warming up {side.name} ...")
+        try:
+            side.run()
+        except Exception as e:  # a peer that breaks is reported, not fatal
+            b.report.skipped.append(f"{section}/{side.name}: {type(e).__name__}: {e}")
+            continue
+        time.sleep(side.settle)
+        live.append(side)
+    times: dict[str, list[float]] = {side.name: [] for side in live}
+    ok: dict[str, bool] = {}
+    rounds = max((side.repeat for side in live), default=0)
+    for r in range(rounds):
+        _say(f"  {section}: round {r + 1} of {rounds} ...")
+        k = r % max(1, len(live))
+        for side in live[k:] + live[:k]:
+            if r >= side.repeat or side.name in ok:
+                continue
+            last = r == side.repeat - 1
+            try:
+                if last:
+                    side.clear()
+                t0 = time.perf_counter()
+                side.run()
+                times[side.name].append(time.perf_counter() - t0)
+                time.sleep(side.settle)
+                if last:
+                    ok[side.name] = bool(side.check())
+            except Exception as e:
+                b.report.skipped.append(f"{section}/{side.name}: {type(e).__name__}: {e}")
+                ok[side.name] = False
+                times[side.name] = []
+    for side in live:
+        t = times[side.name]
+        if t:
+            b.report.rows.append(
+                Row(
+                    section,
+                    side.name,
+                    side.kind,
+                    statistics.median(t),
+                    min(t),
+                    ok[side.name],
+                    "",
+                    size,
+                )
+            )
+
+
+@contextmanager
+def _forkserver_pools(workers: int) -> Iterator[dict[str, Any]]:
+    from .pool import Pool
+
+    ctx = mp.get_context("forkserver")
+    ctx.set_forkserver_preload(_PRELOAD)
+    pools: dict[str, Any] = {}
+    try:
+        pools["shm-process"] = Pool(workers, backend="process")
+        pools["shm-thread"] = Pool(workers, backend="thread")
+        pools["ppe"] = ProcessPoolExecutor(workers, mp_context=ctx)
+        pools["mp"] = ctx.Pool(workers)
+        pools["tpe"] = ThreadPoolExecutor(workers)
+        yield pools
+    finally:
+        for key, p in pools.items():
+            if key == "mp":
+                p.close()
+                p.join()
+            elif key.startswith("shm"):
+                p.shutdown(wait=True, timeout=60)
+            else:
+                p.shutdown(wait=True)
+
+
+def _chunks(n: int, parts: int) -> list[slice]:
+    step = max(1, math.ceil(n / parts))
+    return [slice(i, min(i + step, n)) for i in range(0, n, step)]
+
+
+def _array_section(b: _Bench, pools: dict[str, Any], section: str, n: int) -> None:
+    import numba
+
+    from . import _bench_kernels as K
+    from .array import SharedArray, from_numpy
+    from .transform import transform
+
+    kernel, prange_kernel, chunk_fn = (
+        (K.cpu_steps, K.cpu_steps_prange, K.cpu_chunk)
+        if section == "cpu"
+        else (K.affine, K.affine_prange, K.affine_chunk)
+    )
+    rng = np.random.default_rng(0)
+    x = rng.random(n) * 3.0
+    ref = np.empty(n)
+    kernel(x, ref)
+    out = np.empty(n)
+    w = b.workers
+    repeat = b.repeat
+    # Copy-mode peers move the whole array twice per run: fewer rounds at large sizes.
+    slow = max(2, repeat // 2) if n * 8 >= 64 << 20 else repeat
+    parts = _chunks(n, 4 * w)
+
+    def same() -> bool:
+        return bool(np.allclose(out, ref))
+
+    def wipe() -> None:
+        out.fill(np.nan)
+
+    def numpy_run() -> None:
+        out[:] = K.cpu_numpy(x) if section == "cpu" else 2.5 * x + 1.0
+
+    threads = min(w, numba.config.NUMBA_NUM_THREADS)  # type: ignore[attr-defined]
+
+    def prange_run() -> None:
+        old = numba.get_num_threads()
+        numba.set_num_threads(threads)
+        try:
+            prange_kernel(x, out)
+        finally:
+            numba.set_num_threads(old)
+
+    def tpe_run() -> None:
+        list(pools["tpe"].map(lambda s: kernel(x[s], out[s]), parts))
+
+    def gather(results: Any) -> None:
+        for s, r in zip(parts, results, strict=True):
+            out[s] = r
+
+    with from_numpy(x) as sx, SharedArray.create(n, np.float64) as so:
+
+        def shm_same() -> bool:
+            return bool(np.allclose(so.array, ref))
+
+        def shm_wipe() -> None:
+            so.array.fill(np.nan)
+
+        sides = [
+            _Side("numpy", "peer", numpy_run, same, wipe, 1 if section == "cpu" else repeat),
+            _Side("numba, 1 thread", "peer", lambda: kernel(x, out), same, wipe, repeat),
+            # Numba's threads spin ~10 ms after a prange call: let them settle.
+            _Side(f"numba prange, {threads} threads", "peer", prange_run, same, wipe, repeat, 0.05),
+        ]
+        for key, label in (("shm-thread", "thread"), ("shm-process", "process")):
+            run = functools.partial(transform, kernel, sx, out=so, pool=pools[key])
+            sides.append(
+                _Side(f"shmcompute {label} (share)", "shmcompute", run, shm_same, shm_wipe, repeat)
+            )
+        # Threads need no shared memory: the caller's NumPy arrays (which, unlike /dev/shm
+        # segments, can get transparent huge pages) work as they are.
+        sides.append(
+            _Side(
+                "shmcompute thread (NumPy arrays)",
+                "shmcompute",
+                functools.partial(transform, kernel, x, out=out, pool=pools["shm-thread"]),
+                same,
+                wipe,
+                repeat,
+            )
+        )
+        sides.append(_Side("ThreadPoolExecutor (views)", "peer", tpe_run, same, wipe, repeat))
+        sides.append(
+            _Side(
+                "ProcessPoolExecutor.map (copy)",
+                "peer",
+                lambda: gather(pools["ppe"].map(chunk_fn, [x[s] for s in parts])),
+                same,
+                wipe,
+                slow,
+            )
+        )
+        sides.append(
+            _Side(
+                "multiprocessing.Pool.map (copy)",
+                "peer",
+                lambda: gather(pools["mp"].map(chunk_fn, [x[s] for s in parts])),
+                same,
+                wipe,
+                slow,
+            )
+        )
+        try:
+            import joblib
+        except ImportError:
+            b.report.skipped.append(f"{section}/joblib: not installed")
+        else:
+            par = joblib.Parallel(n_jobs=w)
+            sides.append(
+                _Side(
+                    "joblib (loky, copy)",
+                    "peer",
+                    lambda: gather(par(joblib.delayed(chunk_fn)(x[s]) for s in parts)),
+                    same,
+                    wipe,
+                    slow,
+                )
+            )
+        _interleave_rounds(b, section, n, sides)
+
+
+def _small_section(b: _Bench, pools: dict[str, Any], n: int, calls: int) -> None:
+    """The fixed cost of a call: ``calls`` back-to-back transforms of ``n`` elements
+    per run, reported per call. Parallelism cannot pay off at this size; what is left is
+    each tool's own overhead, and a direct call of the kernel is the floor."""
+    import numba
+
+    from . import _bench_kernels as K
+    from .array import SharedArray, from_numpy
+    from .transform import transform
+
+    x = np.random.default_rng(1).random(n)
+    ref = 2.5 * x + 1.0
+    out = np.empty(n)
+    w = b.workers
+    parts = _chunks(n, w)
+    threads = min(w, numba.config.NUMBA_NUM_THREADS)  # type: ignore[attr-defined]
+
+    def same() -> bool:
+        return bool(np.allclose(out, ref))
+
+    def wipe() -> None:
+        out.fill(np.nan)
+
+    def repeated(call: Callable[[], Any]) -> Callable[[], None]:
+        def run() -> None:
+            for _ in range(calls):
+                call()
+
+        return run
+
+    def prange_call() -> None:
+        old = numba.get_num_threads()
+        numba.set_num_threads(threads)
+        try:
+            K.affine_prange(x, out)
+        finally:
+            numba.set_num_threads(old)
+
+    def tpe_call() -> None:
+        list(pools["tpe"].map(lambda s: K.affine(x[s], out[s]), parts))
+
+    def copy_call(pool: Any) -> Callable[[], None]:
+        def call() -> None:
+            for s, r in zip(parts, pool.map(K.affine_chunk, [x[s] for s in parts]), strict=True):
+                out[s] = r
+
+        return call
+
+    with from_numpy(x) as sx, SharedArray.create(n, np.float64) as so:
+
+        def shm_same() -> bool:
+            return bool(np.allclose(so.array, ref))
+
+        def shm_wipe() -> None:
+            so.array.fill(np.nan)
+
+        def side(
+            name: str, kind: str, call: Callable[[], Any], shm: bool = False, settle: float = 0
+        ) -> _Side:
+            check, clear = (shm_same, shm_wipe) if shm else (same, wipe)
+            return _Side(name, kind, repeated(call), check, clear, b.repeat, settle)
+
+        sides = [
+            side("numba, 1 thread (direct call)", "peer", lambda: K.affine(x, out)),
+            # Numba's threads spin ~10 ms after a prange call: let them settle.
+            side(f"numba prange, {threads} threads", "peer", prange_call, settle=0.05),
+            side("ThreadPoolExecutor (views)", "peer", tpe_call),
+            side("ProcessPoolExecutor.map (copy)", "peer", copy_call(pools["ppe"])),
+            side("multiprocessing.Pool.map (copy)", "peer", copy_call(pools["mp"])),
+        ]
+        for key, label in (("shm-thread", "thread"), ("shm-process", "process")):
+            call = functools.partial(transform, K.affine, sx, out=so, pool=pools[key])
+            sides.append(side(f"shmcompute {label} (share)", "shmcompute", call, shm=True))
+        _interleave_rounds(b, "small", n, sides)
+
+
+def _roundtrip_section(b: _Bench, pools: dict[str, Any], rounds: int) -> None:
+    from . import _bench_kernels as K
+
+    def loop(submit: Callable[[int], Any]) -> Callable[[], None]:
+        def run() -> None:
+            for i in range(rounds):
+                submit(i)
+
+        return run
+
+    def ok() -> bool:
+        return True  # each loop checks its own answers (_expect)
+
+    checks = {
+        "shmcompute process": lambda i: _expect(
+            pools["shm-process"].submit(K.trivial, i).result(30), i
+        ),
+        "shmcompute thread": lambda i: _expect(
+            pools["shm-thread"].submit(K.trivial, i).result(30), i
+        ),
+        "ProcessPoolExecutor": lambda i: _expect(pools["ppe"].submit(K.trivial, i).result(30), i),
+        "multiprocessing.Pool": lambda i: _expect(
+            pools["mp"].apply_async(K.trivial, (i,)).get(30), i
+        ),
+        "ThreadPoolExecutor": lambda i: _expect(pools["tpe"].submit(K.trivial, i).result(30), i),
+    }
+    for name, fn in checks.items():
+        b.measure(
+            "roundtrip",
+            name,
+            "shmcompute" if name.startswith("shm") else "peer",
+            loop(fn),
+            ok,
+            rounds,
+        )
+    ctx = mp.get_context("forkserver")
+    parent, child_end = ctx.Pipe()
+    proc = ctx.Process(target=K.echo, args=(child_end,))
+    proc.start()
+    try:
+
+        def pipe(i: int) -> None:
+            parent.send(i)
+            if not parent.poll(30):
+                raise TimeoutError("echo process stopped answering")
+            _expect(parent.recv(), i)
+
+        b.measure("roundtrip", "multiprocessing.Pipe ping-pong", "peer", loop(pipe), ok, rounds)
+    finally:
+        parent.send(None)
+        proc.join(30)
+        parent.close()
+        child_end.close()
+
+
+def _expect(got: Any, want: Any) -> None:
+    if got != want:
+        raise AssertionError(f"wrong answer: {got!r} != {want!r}")
+
+
+def _modes_section(b: _Bench, pools: dict[str, Any], sizes: list[int]) -> None:
+    for nbytes in sizes:
+        _modes_one(b, pools["shm-process"], max(1, nbytes // 8))
+
+
+def _modes_one(b: _Bench, pool: Any, n: int) -> None:
+    """The data path alone: a kernel that touches one element per chunk, so what is
+    timed is getting the data to the workers (and the results back), per mode."""
+    from . import _bench_kernels as K
+    from .array import SharedArray
+    from .transform import transform
+
+    x = np.random.default_rng(1).random(n)
+    chunk = max(1, -(-n // (4 * b.workers)))
+    starts = np.arange(0, n, chunk)
+    want = 2.5 * x[starts] + 1.0
+    label = _fmt_bytes(n * 8)
+    with SharedArray.create(n, np.float64) as sx, SharedArray.create(n, np.float64) as so:
+        sx.array[:] = x
+        for mode in ("share", "copy"):
+            b.measure(
+                "modes",
+                f"{mode} {label}",
+                "shmcompute",
+                functools.partial(
+                    transform, K.touch, sx, out=so, pool=pool, mode=mode, chunk_size=chunk
+                ),
+                lambda: bool(np.allclose(so.array[starts], want)),
+                n * 8,
+                note=mode,
+            )
+            so.array[:] = 0
+    state: dict[str, Any] = {}
+
+    def fresh() -> None:  # untimed: a new input per round (transfer consumes it)
+        old = state.pop("out", None)
+        if old is not None:
+            old.unlink()
+            old.close()
+        sa = SharedArray.create(n, np.float64)
+        sa.array[:] = x
+        state["in"] = sa
+
+    def run() -> None:  # in place: the input moves to the job and comes back as the output
+        sa = state["in"]
+        state["out"] = transform(K.touch, sa, out=sa, pool=pool, mode="transfer", chunk_size=chunk)
+
+    def check() -> bool:
+        good = bool(np.allclose(state["out"].array[starts], want)) and state["in"].detached
+        fresh()
+        sa = state.pop("in")
+        sa.unlink()
+        sa.close()
+        return good
+
+    b.measure(
+        "modes", f"transfer {label}", "shmcompute", run, check, n * 8, setup=fresh, note="transfer"
+    )
+
+
+def _fmt_bytes(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n} {unit}"
+        n //= 1024
+    return f"{n} GiB"  # pragma: no cover
