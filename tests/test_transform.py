@@ -197,6 +197,39 @@ def test_plain_numpy_inputs_and_out(pool: Pool) -> None:
     res.close()
 
 
+def test_repeat_calls_follow_the_array_types(pool: Pool) -> None:
+    # transform keeps what it compiled per kernel and array types (transform._prepared):
+    # a call with other types must compile for them, never reuse a driver built for
+    # the last call's types (its entry point does not check them: wrong answers).
+    from shmcompute import transform as transform_module
+
+    x = np.linspace(-3.0, 3.0, 3001)
+    readonly = x.copy()
+    readonly.flags.writeable = False
+    cases = [
+        (x, np.float64),
+        (x.astype(np.float32), np.float32),
+        (np.arange(3001, dtype=np.int64), np.float64),
+        (readonly, np.float64),
+        (x, np.float32),
+        (x, np.float64),  # the first case again
+    ]
+    for inp, out_dtype in cases:
+        out = np.full(inp.shape, np.nan, out_dtype)
+        transform(K.affine, inp, out=out, pool=pool, chunk_size=500)
+        want = (2.5 * inp.astype(np.float64) + 1.0).astype(out_dtype)
+        np.testing.assert_allclose(out, want, rtol=1e-6)
+    img = np.arange(60.0).reshape(12, 5)
+    out2 = np.empty_like(img)
+    transform(K.rows_plus_colsum, img, out=out2, pool=pool, chunk_size=5)
+    np.testing.assert_allclose(out2, img * 2.0 + np.arange(5.0))
+    # Repeating a call reuses its entry: the cache does not grow.
+    size = len(transform_module._prepared)
+    for _ in range(3):
+        transform(K.affine, x, out=np.empty_like(x), pool=pool)
+    assert len(transform_module._prepared) == size
+
+
 @settings(
     max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
 )
