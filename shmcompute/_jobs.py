@@ -268,11 +268,21 @@ _packed: dict[Job, PackedJob] = {}  # caller side
 _unpacked: dict[bytes, PackedJob] = {}  # worker side
 
 
+def evict_oldest(cache: dict[Any, Any]) -> None:
+    """Drop a bounded cache's oldest entry. Callers in other threads may be evicting or
+    inserting at the same moment: then this one skips (the bound is approximate, by at
+    most one entry per racing thread)."""
+    try:
+        del cache[next(iter(cache))]
+    except (KeyError, RuntimeError, StopIteration):
+        pass
+
+
 def pack(job: Job) -> PackedJob:
     p = _packed.get(job)
     if p is None:
         if len(_packed) >= _PACK_CACHE:
-            del _packed[next(iter(_packed))]
+            evict_oldest(_packed)
         p = _packed[job] = PackedJob(job)
     return p
 

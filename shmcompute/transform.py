@@ -65,7 +65,7 @@ import numpy as np
 from numba._dispatcher import compute_fingerprint as _fingerprint
 
 from . import _drivers as D
-from ._jobs import NO_ORDER, check_kernel, kernel_name, kernel_ref, kernel_rt, plan
+from ._jobs import NO_ORDER, check_kernel, evict_oldest, kernel_name, kernel_ref, kernel_rt, plan
 from ._runner import Prepared, run_job
 from .array import SharedArray
 from .errors import ArgumentError, ArgumentTypeError
@@ -418,7 +418,7 @@ def _prepare(
     prep = Prepared(kernel_name(kernel), rt, p, kernel_ref(kernel) if process else None)
     if key is not None:
         if len(_prepared) >= _PREPARED_MAX:
-            del _prepared[next(iter(_prepared))]
+            evict_oldest(_prepared)
         _prepared[key] = prep
     return prep
 

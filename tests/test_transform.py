@@ -230,6 +230,31 @@ def test_repeat_calls_follow_the_array_types(pool: Pool) -> None:
     assert len(transform_module._prepared) == size
 
 
+def test_transforms_from_several_threads_at_once(
+    pool: Pool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Callers in several threads share the pool (its arenas) and transform's caches; a
+    # tiny cache bound makes them evict each other's entries while they run.
+    from concurrent.futures import ThreadPoolExecutor
+
+    from shmcompute import transform as transform_module
+
+    monkeypatch.setattr(transform_module, "_PREPARED_MAX", 2)
+    dtypes = [np.float64, np.float32, np.int64, np.int32]
+
+    def one(i: int) -> bool:
+        x = np.arange(5000 + i, dtype=dtypes[i % len(dtypes)])
+        out = np.empty(x.shape, np.float64)
+        for _ in range(20):
+            out.fill(np.nan)
+            transform(K.affine, x, out=out, pool=pool, chunk_size=700, timeout=60)
+            np.testing.assert_allclose(out, 2.5 * x.astype(np.float64) + 1.0, rtol=1e-6)
+        return True
+
+    with ThreadPoolExecutor(4) as callers:
+        assert all(callers.map(one, range(8), timeout=120))
+
+
 @settings(
     max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
 )
