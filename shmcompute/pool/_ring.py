@@ -10,6 +10,7 @@ release), so a reader that sees the index also sees the slot.
 from __future__ import annotations
 
 import pickle
+import struct
 import traceback
 from typing import Any
 
@@ -17,6 +18,11 @@ import numpy as np
 
 from .. import _layout as L
 from ..array import SharedArray, SharedArrayHandle
+
+# A slot header: SH_SEQ, SH_FLAGS, SH_NBYTES, SH_T_START, SH_T_END, in one struct call
+# (~0.1 us; a NumPy slice assignment from a tuple is ~0.6 us, on every task and result).
+_HEAD = struct.Struct("=5q")
+assert (L.SH_SEQ, L.SH_FLAGS, L.SH_NBYTES, L.SH_T_START, L.SH_T_END) == (0, 1, 2, 3, 4)
 
 
 class Rings:
@@ -52,17 +58,14 @@ class Rings:
         off = self._slot(w, results, index)
         n = len(payload)
         assert n <= L.SLOT_INLINE, "spill large payloads first"
-        hw = off // 8
-        # SH_SEQ, SH_FLAGS, SH_NBYTES, SH_T_START, SH_T_END in one assignment
-        self.words[hw : hw + 5] = (seq, flags, n, t_start, t_end)
+        _HEAD.pack_into(self.raw, off, seq, flags, n, t_start, t_end)
         self.raw[off + L.SLOT_HEAD : off + L.SLOT_HEAD + n] = payload
 
     def read(self, w: int, results: bool, index: int) -> tuple[int, int, int, int, memoryview]:
         """``(seq, flags, t_start, t_end, payload view)``; the view is valid until the
         slot is released by advancing the ring's head."""
         off = self._slot(w, results, index)
-        hw = off // 8
-        seq, flags, n, t_start, t_end = self.words[hw : hw + 5].tolist()
+        seq, flags, n, t_start, t_end = _HEAD.unpack_from(self.raw, off)
         return seq, flags, t_start, t_end, self.raw[off + L.SLOT_HEAD : off + L.SLOT_HEAD + n]
 
 
