@@ -162,6 +162,22 @@ def signature(
     return (types.TypeRef(fty), types.intp, ctrl_type, i64, order_type, *in_types, out_type, *tail)
 
 
+# --- one call ---------------------------------------------------------------------------------
+class Work(NamedTuple):
+    """One call's work as ``transform`` checked it: what every mode's runner needs."""
+
+    kind: str  # "map", "halo" or "reduce"
+    kernel: Any
+    arrays: list[np.ndarray]  # the inputs
+    out: Any  # the output array (None for reduce: the runner makes the partials)
+    n: int  # rows along axis 0
+    chunk: int  # rows per chunk
+    nchunks: int
+    overlap: int  # halo rows on each side
+    progress: bool
+    timeout: float | None
+
+
 # --- one driver task ---------------------------------------------------------------------------
 class Job(NamedTuple):
     """A driver task's description: small and picklable (handles, not data)."""

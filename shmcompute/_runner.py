@@ -32,7 +32,7 @@ import numpy as np
 
 from . import _drivers as D
 from . import atomics as at
-from ._jobs import NO_ORDER, Job, KernelRef, Plan, drive, pack, plan, run_task
+from ._jobs import NO_ORDER, Job, KernelRef, Plan, Work, drive, pack, plan, run_task
 from .array import SharedArray
 from .errors import TransformError, WorkerCrashedError
 from .modes import Progress
@@ -240,24 +240,20 @@ def _shared(a: np.ndarray, obj: Any, temps: list[SharedArray]) -> SharedArray:
 
 
 def run_job(
-    kind: str,
-    kernel: Any,
+    w: Work,
     prep: Prepared,
     pool: Pool,
-    arrays: list[np.ndarray],
-    out_arr: Any,
-    n: int,
-    chunk: int,
-    nchunks: int,
-    overlap: int,
-    progress: bool,
     retries: int,
-    timeout: float | None,
     in_objs: Sequence[Any],
     out_obj: Any,
     one_shot: bool = False,
 ) -> Any:
-    """Run ``prep``'s job over ``arrays`` into ``out_arr`` (reduce: return the partials)."""
+    """Run the work on the pool's workers, in place in shared memory (reduce: return the
+    partials). ``in_objs``/``out_obj``: what the caller passed (SharedArrays are sent by
+    handle; other arrays are copied into shared memory for process workers)."""
+    kind, kernel, arrays, out_arr = w.kind, w.kernel, w.arrays, w.out
+    n, chunk, nchunks, overlap = w.n, w.chunk, w.nchunks, w.overlap
+    progress, timeout = w.progress, w.timeout
     process = pool.backend == "process"
     deadline = None if timeout is None else time.monotonic() + timeout
     temps: list[SharedArray] = []

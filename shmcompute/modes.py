@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from ._jobs import copy_task, kernel_name, kernel_ref
+from ._jobs import Work, copy_task, kernel_name, kernel_ref
 from .array import SharedArray
 from .errors import ArgumentError, ArgumentTypeError, TransformError
 from .pool import Pool
@@ -46,20 +46,12 @@ def take_ownership(inputs: Sequence[Any], out: Any, returned: Any) -> tuple[Any,
     return new_inputs, new_out, new_returned
 
 
-def run_copy(
-    kind: str,
-    kernel: Any,
-    pool: Pool,
-    arrays: list[np.ndarray],
-    out_arr: Any,
-    n: int,
-    chunk: int,
-    nchunks: int,
-    overlap: int,
-    progress: bool,
-    timeout: float | None,
-) -> Any:
-    deadline = None if timeout is None else time.monotonic() + timeout
+def run_copy(w: Work, pool: Pool) -> Any:
+    """Copy mode: each chunk pickled to a task, its result pickled back (reduce: return
+    the partials)."""
+    kind, kernel, arrays, out_arr = w.kind, w.kernel, w.arrays, w.out
+    n, chunk, nchunks, overlap = w.n, w.chunk, w.nchunks, w.overlap
+    deadline = None if w.timeout is None else time.monotonic() + w.timeout
     k = kernel_ref(kernel) if pool.backend == "process" else kernel
     thread = pool.backend == "thread"
     futures = []
@@ -71,7 +63,7 @@ def run_copy(
         shape = out_arr.shape[1:] if out_arr is not None else ()
         dt = out_arr.dtype if out_arr is not None else None
         futures.append(pool.submit(copy_task, k, kind, ins, (hi - lo, *shape), dt, lo - s))
-    bar = Progress(nchunks) if progress else None
+    bar = Progress(nchunks) if w.progress else None
     try:
         results = []
         for i, f in enumerate(futures):

@@ -65,7 +65,16 @@ import numpy as np
 from numba._dispatcher import compute_fingerprint as _fingerprint
 
 from . import _drivers as D
-from ._jobs import NO_ORDER, check_kernel, evict_oldest, kernel_name, kernel_ref, kernel_rt, plan
+from ._jobs import (
+    NO_ORDER,
+    Work,
+    check_kernel,
+    evict_oldest,
+    kernel_name,
+    kernel_ref,
+    kernel_rt,
+    plan,
+)
 from ._runner import Prepared, run_job
 from .array import SharedArray
 from .errors import ArgumentError, ArgumentTypeError
@@ -347,28 +356,12 @@ def _run(
         prep = _prepare(kind, kernel, process, arrays, out_arr)
         if nchunks == 0:
             return returned if kind != "reduce" else _fold([], combine, identity)
+        work = Work(kind, kernel, arrays, out_arr, n, chunk, nchunks, overlap, progress, timeout)
         if mode == "copy":
-            result = run_copy(
-                kind, kernel, pool, arrays, out_arr, n, chunk, nchunks, overlap, progress, timeout
-            )
+            result = run_copy(work, pool)
         else:
             result = run_job(
-                kind,
-                kernel,
-                prep,
-                pool,
-                arrays,
-                out_arr,
-                n,
-                chunk,
-                nchunks,
-                overlap,
-                progress,
-                retries,
-                timeout,
-                in_objs=inputs,
-                out_obj=returned,
-                one_shot=mode == "transfer",
+                work, prep, pool, retries, inputs, returned, one_shot=mode == "transfer"
             )
         if kind == "reduce":
             return _fold(result, combine, identity)
