@@ -53,15 +53,17 @@ from ..errors import (
 )
 from . import _spin
 from ._ring import Rings, load_error, release_spill, spill, unspill
-from .base import (
-    CLOSED,
-    RUNNING,
+from ._task import (
     PoolStats,
     _check_spin,
     _check_timeout,
     _describe,
     _PrepareFailed,
     _Task,
+)
+from .base import (
+    CLOSED,
+    RUNNING,
 )
 from .base import log as _log
 from .sizing import usable_cores

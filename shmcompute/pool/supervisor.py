@@ -26,15 +26,17 @@ from .. import _layout as L
 from .. import atomics as at
 from ..errors import InitializerError, PoolTerminatedError, TaskTimeoutError, WorkerCrashedError
 from ._ring import Rings, release_spill
+from ._task import (
+    WorkerHealth,
+    _check_timeout,
+    _describe,
+    _Task,
+)
 from .base import (
     CLOSED,
     DRAINING,
     RUNNING,
     Pool,
-    WorkerHealth,
-    _check_timeout,
-    _describe,
-    _Task,
 )
 from .base import log as _log
 from .worker import EXIT_INIT_FAILED, EXIT_ORPHANED

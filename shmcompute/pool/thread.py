@@ -31,16 +31,18 @@ import numpy as np
 from .. import atomics as at
 from ..errors import ArgumentError, InitializerError, TaskTimeoutError
 from . import _spin
-from .base import (
-    CLOSED,
-    DRAINING,
-    RUNNING,
-    Pool,
+from ._task import (
     PoolStats,
     WorkerHealth,
     _check_spin,
     _describe,
     _Task,
+)
+from .base import (
+    CLOSED,
+    DRAINING,
+    RUNNING,
+    Pool,
 )
 from .base import log as _log
 
