@@ -32,7 +32,18 @@ import numpy as np
 
 from . import _drivers as D
 from . import atomics as at
-from ._jobs import NO_ORDER, Job, KernelRef, Plan, Work, drive, pack, plan, run_task
+from ._jobs import (
+    NO_ORDER,
+    Job,
+    KernelRef,
+    Plan,
+    Work,
+    drive,
+    evict_oldest,
+    pack,
+    plan,
+    run_task,
+)
 from .array import SharedArray
 from .errors import TransformError, WorkerCrashedError
 from .modes import Progress
@@ -48,6 +59,37 @@ class Prepared(NamedTuple):
     rt: Any  # the kernel's Numba return type
     plan: Plan | None  # thread backend: the compiled driver (reduce: made per call)
     ref: KernelRef | None  # process backend: how workers find the kernel
+
+
+def _costs(pool: Pool) -> dict[int, float]:
+    """Per pool: ns of work per row of each prepared call (by ``id``), as last measured."""
+    costs: dict[int, float] | None = pool.__dict__.get("_transform_costs")
+    if costs is None:
+        costs = pool.__dict__["_transform_costs"] = {}
+    return costs
+
+
+def helpers(prep: Prepared, pool: Pool, rows: int, nwork: int) -> int:
+    """How many driver tasks a job of ``rows`` gets: each must bring at least
+    ``HELP_FACTOR`` times what starting one costs (the pool's submit-to-start time), by
+    this pool's last measure of the kernel's work per row; every worker while there is
+    no measure yet. On threads the caller is one of them, so a short job runs in the
+    caller alone: measured here, a 20,000-element ``y = 2.5x + 1`` (7 us of work) took
+    132 us with a helper thread, whose wake-up and GIL hand-offs land in the caller's
+    next call, and 32 us without."""
+    most = min(pool.max_workers, nwork, D.MAX_TASKS)
+    per_row = _costs(pool).get(id(prep))
+    if per_row is None:
+        return most
+    worth = per_row * rows / (HELP_FACTOR * pool._start_ewma * 1e9)
+    return max(1, min(most, int(worth)))
+
+
+def _measured(prep: Prepared, pool: Pool, per_row: float) -> None:
+    costs = _costs(pool)
+    if id(prep) not in costs and len(costs) >= 256:
+        evict_oldest(costs)  # (an evicted Prepared's id may come back: one wrong guess)
+    costs[id(prep)] = per_row
 
 
 # --- arenas --------------------------------------------------------------------------------
@@ -66,6 +108,7 @@ class Arena:
             self.shared.close()
 
 
+HELP_FACTOR = 4.0  # see helpers()
 ARENAS = 4  # made together, on a pool's first job
 ARENA_WAIT = 0.05  # seconds to wait for a busy arena before making one more
 ARENA_WORDS = D.ctrl_words(4096)  # the usual size: jobs of up to 4096 chunks
@@ -281,8 +324,9 @@ def run_job(
         D.reset(ctrl, nchunks)
         while True:
             nwork = order.shape[0] if order.shape[0] else nchunks
-            ntasks = min(pool.max_workers, nwork, D.MAX_TASKS)
+            ntasks = helpers(prep, pool, min(n, nwork * chunk), nwork)
             D.begin_attempt(ctrl, nwork, ntasks)
+            started = time.perf_counter_ns()
             if process:
                 assert prep.ref is not None and job_arena.shared is not None and out_sa is not None
                 job = Job(
@@ -331,6 +375,13 @@ def run_job(
             # on a core would start late while the other workers take its share.
             wait_bell(ctrl, _either, deadline, bar, pool if not process or ntasks < CORES else None)
             if _complete(ctrl):
+                # The work per row, for the next call's helper count: exact when the
+                # caller ran alone; otherwise an upper bound (every task busy from its
+                # start, which took the pool's usual submit-to-start time, to the end).
+                took = time.perf_counter_ns() - started
+                if process or ntasks > 1:  # (never to zero: it is an estimate)
+                    took = max(took // 4, took - int(pool._start_ewma * 1e9))
+                _measured(prep, pool, took * ntasks / max(1, min(n, nwork * chunk)))
                 # Done. The futures of tasks that already left resolve on the pool's
                 # collector thread, and the arena goes back once they have. Waiting for
                 # them here cost more than it saved (measured, interleaved in one

@@ -230,6 +230,31 @@ def test_repeat_calls_follow_the_array_types(pool: Pool) -> None:
     assert len(transform_module._prepared) == size
 
 
+@pytest.mark.parametrize("backend", ["thread", "process"])
+@pytest.mark.parametrize("factor", [1e12, 1e-12])
+def test_helper_count_follows_the_measured_work(
+    backend: str, factor: float, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A job gets as many driver tasks as bring enough work each: the pool's last measure
+    # of the kernel's work per row must exceed HELP_FACTOR times what starting a task
+    # costs. The first call of a kernel on a pool uses every worker (nothing measured).
+    from shmcompute import _runner
+
+    monkeypatch.setattr(_runner, "HELP_FACTOR", factor)  # 1e12: never worth it; ~0: always
+    x = np.arange(4000.0)
+    out = np.empty_like(x)
+    with Pool(2, backend=backend) as pool:
+        for _ in range(6):
+            transform(K.affine, x, out=out, pool=pool, chunk_size=500, timeout=30)
+            np.testing.assert_allclose(out, _affine_ref(x))
+        pool.shutdown(wait=True, timeout=30)
+        tasks = pool.stats.completed
+    per_call = 1 if factor > 1 else 2  # after the first call, which used both workers
+    # On threads the caller runs one of the tasks itself (it is not a pool task).
+    caller = 1 if backend == "thread" else 0
+    assert tasks == (2 - caller) + 5 * (per_call - caller)
+
+
 def test_transforms_from_several_threads_at_once(
     pool: Pool, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -127,6 +127,9 @@ class Pool(Executor):
         self._failed = 0
         self._crashes = 0
         self._latencies = _Latencies()
+        # Seconds from submit to a task's start, smoothed: what one more worker costs a
+        # caller before it helps (transforms size their helper count by it).
+        self._start_ewma = 20e-6
         self._sigterm_installed = False
         self._close_callbacks: list[Callable[[], Any]] = []
 
@@ -265,6 +268,7 @@ class Pool(Executor):
                 if wait_s is not None and run_s is not None:
                     lat.wait.append(wait_s)
                     lat.run.append(run_s)
+                    self._start_ewma += 0.2 * (wait_s - self._start_ewma)
                 if ok:
                     self._completed += 1
                 else:
