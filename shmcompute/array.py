@@ -603,8 +603,8 @@ class SharedArray:
 
 
 def _claim_transfer(mm: mmap.mmap, handle: SharedArrayHandle) -> None:
-    from . import _native  # noqa: F401 - registers the atomics (imports Numba)
-    from .atomics import _cas_address
+    from . import atomics  # noqa: F401 - sets up the atomics' registry (imports Numba)
+    from ._atomics_core import _cas_address
 
     probe = np.frombuffer(mm, dtype=np.int64, count=L.SEG_HEADER_SIZE // 8)
     base = int(probe.ctypes.data)

@@ -13,7 +13,7 @@ from numba import njit
 from .. import _layout as L
 from .. import _native as N
 from .. import atomics as at
-from ..atomics import _now_ns
+from .._atomics_core import _now_ns
 
 _NOGIL = {"cache": True, "nogil": True}
 # Sub-microsecond helpers keep the GIL: releasing it on entry hands it to any thread
