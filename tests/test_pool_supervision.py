@@ -244,14 +244,18 @@ def test_workers_exit_within_a_second_of_parent_death() -> None:
         if proc.poll() is None:
             proc.kill()
         proc.wait(WAIT)
+        # Its control block is reclaimed by its resource tracker (it owned the segment),
+        # once every process holding the tracker's pipe is gone: the workers, then the
+        # forkserver. Give it that time before the safety net below, which kills the
+        # whole group, tracker included (killing it first leaked the segment once, on a
+        # loaded 2-core machine).
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline and _segments_of(proc.pid):
+            time.sleep(0.05)
         try:  # the dead parent's forkserver and tracker exit by themselves; be sure
             os.killpg(proc.pid, signal.SIGKILL)
         except (ProcessLookupError, PermissionError):
             pass
-    # Its control block is reclaimed by its resource tracker (it owned the segment).
-    deadline = time.monotonic() + 5
-    while time.monotonic() < deadline and _segments_of(proc.pid):
-        time.sleep(0.05)
     assert not _segments_of(proc.pid)
 
 
