@@ -327,9 +327,17 @@ def run_task(packed: PackedJob, t: int) -> int:
         return 0
     if ready is None:
         kernel = resolve(job.kernel)
-        order = view(job.order) if job.order is not None else NO_ORDER
-        ins = tuple(view(h, job.keep) for h in job.inputs)
-        out = view(job.out, job.keep)
+        try:
+            order = view(job.order) if job.order is not None else NO_ORDER
+            ins = tuple(view(h, job.keep) for h in job.inputs)
+            out = view(job.out, job.keep)
+        except FileNotFoundError:
+            if at.load(ctrl, D.J_CLAIM) >= nwork:
+                # Lost the race to the last chunk: while this task attached, the others
+                # claimed every chunk, the caller returned and freed what it owned (a
+                # copy of a NumPy input, a transferred array). Nothing is left to do.
+                return 0
+            raise
         rt = kernel_rt(job.kind, kernel, ins, out if job.kind != "reduce" else None)
         ready = (plan(job.kind, kernel, rt, ctrl, order, ins, out), ctrl, order, ins, out)
         if job.keep:

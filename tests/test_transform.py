@@ -515,6 +515,55 @@ def test_a_late_process_task_leaves_without_attaching() -> None:
             pool.submit(run_task, job, 0).result(timeout=60)
 
 
+def test_a_process_task_that_loses_the_race_to_the_last_chunk_leaves_quietly(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # A task that starts while chunks remain can find the arrays gone while it attaches
+    # them: the other tasks wrote every chunk meanwhile and the caller, done, freed its
+    # temporary copies (seen in a clean-clone run: a spurious FileNotFoundError counted
+    # as a failed task). It leaves quietly then; with chunks still unclaimed, the error
+    # stands. (run_task runs here, in the test process, to order the race.)
+    from shmcompute import _drivers as D
+    from shmcompute import _jobs
+
+    with shc.zeros(D.ctrl_words(4), np.int64) as ctrl:
+        gone = shc.zeros(4, np.float64)
+        handle = gone.handle
+        gone.unlink()
+        gone.close()
+        job = _jobs.Job(
+            "map",
+            _jobs.kernel_ref(K.affine),
+            ctrl.handle,
+            None,
+            (handle,),
+            handle,
+            4,
+            1,
+            4,
+            0,
+            True,
+        )
+        real_view = _jobs.view
+
+        def view_while_the_others_finish(h: Any, populate: bool = True) -> np.ndarray:
+            if h.name == handle.name:
+                ctrl.array[D.J_CLAIM] = 4  # meanwhile, every chunk was claimed
+            return real_view(h, populate)
+
+        try:
+            monkeypatch.setattr(_jobs, "view", view_while_the_others_finish)
+            assert _jobs.run_task(_jobs.PackedJob(job), 0) == 0
+            ctrl.array[D.J_CLAIM] = 0
+            monkeypatch.setattr(_jobs, "view", real_view)
+            with pytest.raises(FileNotFoundError):
+                _jobs.run_task(_jobs.PackedJob(job), 0)
+        finally:
+            hit = _jobs._attached.pop(ctrl.handle.name, None)  # this process's view of ctrl
+            if hit is not None:
+                hit[0].close()
+
+
 def test_process_workers_let_go_of_freed_arrays() -> None:
     # Workers keep a repeated job's arrays attached (a job over the same arrays costs a
     # lookup), but never keep freed memory alive for long: a segment the caller unlinked
