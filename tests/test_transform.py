@@ -255,6 +255,24 @@ def test_helper_count_follows_the_measured_work(
     assert tasks == (2 - caller) + 5 * (per_call - caller)
 
 
+def test_prepared_calls_work_with_the_fallback_key(
+    pool: Pool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Without Numba's private compute_fingerprint, transform keys prepared calls by its
+    # own array_key: the same behaviour, a little slower.
+    from shmcompute import _jobs
+    from shmcompute import transform as transform_module
+
+    monkeypatch.setattr(transform_module, "_fingerprint", _jobs.array_key)
+    monkeypatch.setattr(transform_module, "_prepared", {})
+    x = np.linspace(-1.0, 1.0, 2001)
+    for inp in (x, x.astype(np.float32), x):
+        out = np.empty(inp.shape, np.float64)
+        transform(K.affine, inp, out=out, pool=pool, chunk_size=300)
+        np.testing.assert_allclose(out, 2.5 * inp.astype(np.float64) + 1.0, rtol=1e-6)
+    assert len(transform_module._prepared) == 2
+
+
 def test_transforms_from_several_threads_at_once(
     pool: Pool, monkeypatch: pytest.MonkeyPatch
 ) -> None:
