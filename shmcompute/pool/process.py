@@ -61,10 +61,7 @@ from ._task import (
     _PrepareFailed,
     _Task,
 )
-from .base import (
-    CLOSED,
-    RUNNING,
-)
+from .base import CLOSED, RUNNING
 from .base import log as _log
 from .sizing import usable_cores
 from .supervisor import Supervision, _Proc

@@ -32,12 +32,7 @@ from ._task import (
     _describe,
     _Task,
 )
-from .base import (
-    CLOSED,
-    DRAINING,
-    RUNNING,
-    Pool,
-)
+from .base import CLOSED, DRAINING, RUNNING, Pool
 from .base import log as _log
 from .worker import EXIT_INIT_FAILED, EXIT_ORPHANED
 

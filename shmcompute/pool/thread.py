@@ -38,12 +38,7 @@ from ._task import (
     _describe,
     _Task,
 )
-from .base import (
-    CLOSED,
-    DRAINING,
-    RUNNING,
-    Pool,
-)
+from .base import CLOSED, DRAINING, RUNNING, Pool
 from .base import log as _log
 
 # Per-worker words in the pool's private int64 array (one cache line each).
