@@ -81,7 +81,7 @@ def helpers(prep: Prepared, pool: Pool, rows: int, nwork: int) -> int:
     per_row = _costs(pool).get(id(prep))
     if per_row is None:
         return most
-    worth = per_row * rows / (HELP_FACTOR * pool._start_ewma * 1e9)
+    worth = per_row * rows / (HELP_FACTOR * pool._latencies.start * 1e9)
     return max(1, min(most, int(worth)))
 
 
@@ -380,7 +380,7 @@ def run_job(
                 # start, which took the pool's usual submit-to-start time, to the end).
                 took = time.perf_counter_ns() - started
                 if process or ntasks > 1:  # (never to zero: it is an estimate)
-                    took = max(took // 4, took - int(pool._start_ewma * 1e9))
+                    took = max(took // 4, took - int(pool._latencies.start * 1e9))
                 _measured(prep, pool, took * ntasks / max(1, min(n, nwork * chunk)))
                 # Done. The futures of tasks that already left resolve on the pool's
                 # collector thread, and the arena goes back once they have. Waiting for

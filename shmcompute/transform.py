@@ -36,9 +36,9 @@ at least 8 halos long, so re-read halo rows stay under a quarter of the reads.
 Workers per job: the first call of a kernel (for given array types) on a pool uses every
 worker and measures the work per row; later calls give a job only as many driver tasks
 as bring at least ``HELP_FACTOR`` (4) times what starting one costs on that pool (its
-smoothed submit-to-start time). On threads the caller runs one of the tasks, so a short
-job runs in the caller alone: a helper thread's wake-up and GIL hand-offs cost more than
-it saves (see ``_runner.helpers``).
+typical submit-to-start time, a running median). On threads the caller runs one of the
+tasks, so a short job runs in the caller alone: a helper thread's wake-up and GIL
+hand-offs cost more than it saves (see ``_runner.helpers``).
 
 Modes, kept side by side for comparison (identical results):
 

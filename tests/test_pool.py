@@ -22,6 +22,7 @@ import pytest
 import shmcompute as shc
 from shmcompute.errors import ArgumentError, ArgumentTypeError, TaskTimeoutError
 from shmcompute.pool import Pool, PoolStats, ProcessPool, ThreadPool, pool_size
+from shmcompute.pool._task import _Latencies
 from shmcompute.sync import Event
 from tests import _pool_tasks as T
 
@@ -413,6 +414,45 @@ def test_stats_count_idle_busy_queued(
     finally:
         gate.set()
         gate.close()
+
+
+def test_typical_start_time_ignores_tasks_queued_behind_busy_workers(
+    make_pool: Callable[..., Pool], counter: shc.SharedArray
+) -> None:
+    # Transforms size their helper count by the pool's typical submit-to-start time; a
+    # few tasks that waited behind busy workers must not pass for the usual cost (a mean
+    # of these waits was ~10 ms, and big jobs then got one or two workers of sixteen).
+    pool = make_pool(2)
+    for f in [pool.submit(T.square, i) for i in range(10)]:
+        f.result(WAIT)
+    for round_ in range(5):
+        gate = Event()
+        try:
+            blockers = [pool.submit(T.count_and_wait, counter, gate) for _ in range(2)]
+            wait_count(counter, 2 * (round_ + 1))  # both workers busy
+            queued = pool.submit(T.square, 3)
+            time.sleep(0.05)
+        finally:
+            gate.set()
+        assert queued.result(WAIT) == 9
+        for f in blockers:
+            f.result(WAIT)
+        gate.close()
+    lat = pool._latencies
+    assert sum(w >= 0.04 for w in lat.wait) >= 5  # the queued tasks were measured
+    assert lat.start < 0.005, f"typical start {lat.start * 1e3:.1f} ms"
+
+
+def test_typical_start_time_is_a_running_median() -> None:
+    rng = np.random.default_rng(1)
+    lat = _Latencies()
+    for _ in range(600):  # one sample in five is a 30 ms outlier
+        lat.add(0.030 if rng.random() < 0.2 else 50e-6 * rng.uniform(0.9, 1.1), 1e-3)
+    assert 40e-6 < lat.start < 80e-6
+    assert np.mean(lat.wait) > 0.005  # what a mean would have said
+    for _ in range(100):  # and it follows a real change, up as well as down
+        lat.add(2e-3, 1e-3)
+    assert 1.6e-3 < lat.start < 2.5e-3
 
 
 def test_queue_backlog_is_reported(

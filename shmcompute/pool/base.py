@@ -126,10 +126,9 @@ class Pool(Executor):
         self._completed = 0
         self._failed = 0
         self._crashes = 0
+        # (._latencies.start: the typical submit-to-start time, what one more worker
+        # costs a caller before it helps; transforms size their helper count by it)
         self._latencies = _Latencies()
-        # Seconds from submit to a task's start, smoothed: what one more worker costs a
-        # caller before it helps (transforms size their helper count by it).
-        self._start_ewma = 20e-6
         self._sigterm_installed = False
         self._close_callbacks: list[Callable[[], Any]] = []
 
@@ -266,9 +265,7 @@ class Pool(Executor):
             lat = self._latencies
             for _, ok, _, wait_s, run_s in done:
                 if wait_s is not None and run_s is not None:
-                    lat.wait.append(wait_s)
-                    lat.run.append(run_s)
-                    self._start_ewma += 0.2 * (wait_s - self._start_ewma)
+                    lat.add(wait_s, run_s)
                 if ok:
                     self._completed += 1
                 else:
