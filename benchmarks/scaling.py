@@ -34,6 +34,9 @@ Efficiency of a side at ``w`` workers is ``t1 / (w * t_side(w))``: 1.00 is perfe
 linear scaling from one Numba thread, 0.50 means half of the ``w`` cores is wasted.
 ``thread/prange`` and ``process/prange`` are throughput ratios,
 ``t_prange(w) / t_side(w)``: above 1.00 shmcompute is faster than prange.
+``drivers/job`` is how many compiled driver loops ran each transform (the pool's tasks,
+plus the caller on threads), as the helper-count policy chose them
+(``_runner.helpers``): below ``w`` on a job too short to be worth every worker.
 
 Sizes: every side runs ``1 + repeat`` times at every worker count, so the time goes
 to the low worker counts: about ``5 * (1 + repeat) * t1`` at 1 worker (4 sides and the
@@ -114,6 +117,8 @@ class Point:
     median_s: float | None
     ok: bool
     note: str = ""
+    # thread/process: drivers per transform (the pool's tasks, plus the caller on threads)
+    drivers_per_job: float | None = None
 
 
 @dataclass
@@ -139,8 +144,10 @@ class _Runner:
         run: Callable[[], Any],
         out: np.ndarray,
         ref: np.ndarray,
+        pool: shc.Pool | None = None,
     ) -> None:
         self.progress(f"{workload}: {side}, {workers} worker(s)")
+        before = _tasks_done(pool)
         try:
             times = _time(run, self.repeat, setup=lambda: out.fill(np.nan))
         except Exception as e:  # a side that breaks is reported; the others still run
@@ -149,9 +156,28 @@ class _Runner:
             return
         ok = bool(np.allclose(out, ref))
         note = "" if ok else "differs from the 1-thread reference"
+        per_job = None
+        if pool is not None:  # (the measurement's untimed warm-up is one more job)
+            per_job = (_tasks_done(pool) - before) / (1 + self.repeat)
+            if pool.stats.backend == "thread":
+                per_job += 1  # the caller runs one driver itself, not as a pool task
         self.results.points.append(
-            Point(workload, side, workers, times, statistics.median(times), ok, note)
+            Point(workload, side, workers, times, statistics.median(times), ok, note, per_job)
         )
+
+
+def _tasks_done(pool: shc.Pool | None, timeout: float = 2.0) -> int:
+    """The pool's finished tasks, once none is left running. A transform returns when
+    its last chunk is written, and a task that started too late to claim one resolves
+    a little after: wait for those (bounded; a snapshot is not worth a hang)."""
+    if pool is None:
+        return 0
+    deadline = time.monotonic() + timeout
+    while True:
+        st = pool.stats
+        if (st.busy == 0 and st.queued == 0) or time.monotonic() > deadline:
+            return st.completed + st.failed
+        time.sleep(0.001)
 
 
 def _run_workload(r: _Runner, wl: Workload, n: int, workers: list[int]) -> None:
@@ -188,7 +214,7 @@ def _run_workload(r: _Runner, wl: Workload, n: int, workers: list[int]) -> None:
                     # run to run; a few runs fault in most of them.
                     for _ in range(WARM_RUNS):
                         run()
-                    r.measure(wl.name, backend, w, run, so.array, ref)
+                    r.measure(wl.name, backend, w, run, so.array, ref, pool)
             if joblib is not None:
                 r.measure(wl.name, "joblib", w, _joblib_run(joblib, wl, x, out, w), out, ref)
 
@@ -238,8 +264,8 @@ def _table(wl: Workload, n: int, results: Results, workers: list[int]) -> str:
         + " | ".join(f"{s} ms" for s in SIDES)
         + " | "
         + " | ".join(f"eff {s}" for s in SIDES)
-        + " | thread/prange | process/prange | check |",
-        "|" + "---:|" * (1 + 2 * len(SIDES) + 2) + ":---|",
+        + " | thread/prange | process/prange | drivers/job thread, process | check |",
+        "|" + "---:|" * (1 + 2 * len(SIDES) + 3) + ":---|",
     ]
     for w in workers:
         medians = {s: by_key[(s, w)].median_s if (s, w) in by_key else None for s in SIDES}
@@ -253,9 +279,11 @@ def _table(wl: Workload, n: int, results: Results, workers: list[int]) -> str:
             f"{prange_s / m:.2f}" if prange_s is not None and m is not None else "-"
             for m in (medians["thread"], medians["process"])
         ]
+        per_job = [by_key[(s, w)].drivers_per_job if (s, w) in by_key else None for s in SIDES[1:3]]
+        drivers = ", ".join("-" if t is None else f"{t:.1f}" for t in per_job)
         failed = [s for s in SIDES if (s, w) in by_key and not by_key[(s, w)].ok]
         check = "FAIL: " + ", ".join(failed) if failed else "ok"
-        lines.append("| " + " | ".join([str(w), *times, *effs, *ratios, check]) + " |")
+        lines.append("| " + " | ".join([str(w), *times, *effs, *ratios, drivers, check]) + " |")
     return "\n".join(lines)
 
 
