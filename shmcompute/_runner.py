@@ -69,6 +69,17 @@ def _costs(pool: Pool) -> dict[int, float]:
     return costs
 
 
+def row_ns(prep: Prepared, pool: Pool) -> float | None:
+    """This pool's last measure of a prepared call's work per row (ns), if any."""
+    return _costs(pool).get(id(prep))
+
+
+def drivers_worth(row_ns: float, pool: Pool, rows: int) -> float:
+    """How many driver tasks ``rows`` of work at ``row_ns`` a row would keep busy, each
+    bringing ``HELP_FACTOR`` times what starting one costs on ``pool``."""
+    return row_ns * rows / (HELP_FACTOR * pool._latencies.start * 1e9)
+
+
 def helpers(prep: Prepared, pool: Pool, rows: int, nwork: int) -> int:
     """How many driver tasks a job of ``rows`` gets: each must bring at least
     ``HELP_FACTOR`` times what starting one costs (the pool's submit-to-start time), by
@@ -81,15 +92,25 @@ def helpers(prep: Prepared, pool: Pool, rows: int, nwork: int) -> int:
     per_row = _costs(pool).get(id(prep))
     if per_row is None:
         return most
-    worth = per_row * rows / (HELP_FACTOR * pool._latencies.start * 1e9)
-    return max(1, min(most, int(worth)))
+    return max(1, min(most, int(drivers_worth(per_row, pool, rows))))
+
+
+COST_DRIFT = 1.25  # see _measured
 
 
 def _measured(prep: Prepared, pool: Pool, per_row: float) -> None:
+    """Keep a new measure of the work per row. Each is an upper bound (it includes the
+    job's fixed cost, and any time the OS took the core away), so the estimate follows a
+    lower measure at once and a higher one by at most ``COST_DRIFT`` per call: one job
+    slowed down by a busy machine does not pass a cheap kernel for an expensive one."""
     costs = _costs(pool)
-    if id(prep) not in costs and len(costs) >= 256:
-        evict_oldest(costs)  # (an evicted Prepared's id may come back: one wrong guess)
-    costs[id(prep)] = per_row
+    old = costs.get(id(prep))
+    if old is None:
+        if len(costs) >= 256:
+            evict_oldest(costs)  # (an evicted Prepared's id may come back: one wrong guess)
+        costs[id(prep)] = per_row
+    else:
+        costs[id(prep)] = min(per_row, old * COST_DRIFT)
 
 
 # --- arenas --------------------------------------------------------------------------------

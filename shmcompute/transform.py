@@ -20,18 +20,27 @@ row: ``kernel(*input_chunks, out_chunk, start)``. ``reduce`` calls ``kernel(*chu
 for a partial per chunk and folds partials in chunk order with ``combine``, so the
 result depends on ``chunk_size`` but never on worker count or scheduling.
 
-Default ``chunk_size``: about 16 chunks per worker, each at least 64 KiB and, past
-that, at most 1 MiB::
+Default ``chunk_size``: about 16 chunks per worker, each at least 64 KiB (or, for
+``transform`` once a kernel's work per row is known, 50 us of work) and, past that, at
+most 1 MiB::
 
-    rows = clamp(ceil(rows / (16 * workers)), 64 KiB / row, 1 MiB / row), >= 8 * overlap
+    floor = 64 KiB / row
+    floor = min(floor, max(4 KiB / row, 50 us / work per row))  # transform, once measured
+    rows = clamp(ceil(rows / (16 * workers)), floor, 1 MiB / row), >= 8 * overlap
 
 Many small chunks keep the workers finishing together: each claims the next chunk when
 it is done, so a worker that started late or runs slower (a busy core, a cold cache)
 costs at most one chunk's time, ~0.1 ms at 1 MiB, not a quarter of its share (measured:
 16M float64 ``y = 2.5x + 1`` on 2 cores went from 0.90 to 0.95 of ``prange``'s speed on
 processes). The floor keeps a chunk's fixed cost (an atomic add, ~100 ns) far below its
-work, and makes a small array one chunk, run by one worker. With ``overlap`` a chunk is
-at least 8 halos long, so re-read halo rows stay under a quarter of the reads.
+work, and makes a small array one chunk, run by one worker. A kernel that does much per
+row needs far fewer rows for that: ``transform`` lowers the floor to 50 us of work (a
+power of two rows, so the chunk size stays put from call to call) but not below a page,
+once the pool has measured the kernel (measured on 16 cores: 50,000 elements of the
+32-step kernel, 46 ms of work, made 7 chunks of 64 KiB and took 10-11 ms on 8 or 16
+workers, against 4-7 ms for ``prange``). ``reduce`` keeps the fixed floor: its result
+depends on the chunk size, which must not depend on a timing. With ``overlap`` a chunk
+is at least 8 halos long, so re-read halo rows stay under a quarter of the reads.
 
 Workers per job: the first call of a kernel (for given array types) on a pool uses every
 worker and measures the work per row; later calls give a job only as many driver tasks
@@ -82,7 +91,7 @@ from ._jobs import (
     kernel_rt,
     plan,
 )
-from ._runner import Prepared, run_job
+from ._runner import Prepared, drivers_worth, row_ns, run_job
 from .array import SharedArray
 from .errors import ArgumentError, ArgumentTypeError
 from .modes import MODES, run_copy, take_ownership
@@ -104,6 +113,8 @@ def _load_fingerprint() -> Callable[[Any], Any]:
 _fingerprint = _load_fingerprint()
 
 _MIN_CHUNK_BYTES = 64 * 1024
+_MIN_CHUNK_NS = 50_000  # a chunk's work, when the kernel's work per row is known
+_PAGE = 4096
 _MAX_CHUNK_BYTES = 1024 * 1024
 _CHUNKS_PER_WORKER = 16
 _HALOS_PER_CHUNK = 8
@@ -188,16 +199,29 @@ def _check_int(name: str, value: Any, lo: int) -> int:
     return int(value)
 
 
-def default_chunk_size(n: int, row_bytes: int, workers: int, overlap: int = 0) -> int:
-    """Rows per chunk when ``chunk_size`` is not given (see the module docstring)."""
+def default_chunk_size(
+    n: int, row_bytes: int, workers: int, overlap: int = 0, work_rows: int | None = None
+) -> int:
+    """Rows per chunk when ``chunk_size`` is not given (see the module docstring).
+    ``work_rows``: how many rows make ``_MIN_CHUNK_NS`` of work, when that is known."""
     row_bytes = max(1, row_bytes)
     by_workers = math.ceil(n / (_CHUNKS_PER_WORKER * max(1, workers))) if n else 1
     floor = math.ceil(_MIN_CHUNK_BYTES / row_bytes)
+    if work_rows is not None:
+        floor = min(floor, max(work_rows, math.ceil(_PAGE / row_bytes)))
     cap = max(floor, _MAX_CHUNK_BYTES // row_bytes)
     return max(1, floor, min(by_workers, cap), _HALOS_PER_CHUNK * overlap)
 
 
 _default_chunk_size = functools.lru_cache(maxsize=1024)(default_chunk_size)  # ~1 us a call
+
+
+def work_rows(row_ns: float) -> int:
+    """Rows that make at least ``_MIN_CHUNK_NS`` of work at ``row_ns`` a row, rounded up
+    to a power of two: measurements jitter, and a chunk size that moved with them would
+    make every call a new job to pickle for the process workers."""
+    rows = _MIN_CHUNK_NS / max(row_ns, 1e-3)
+    return 1 << max(0, math.ceil(math.log2(rows))) if rows > 1 else 1
 
 
 # --- the public functions -----------------------------------------------------------------------
@@ -374,6 +398,15 @@ def _run(
             out_arr = returned.array
     try:
         prep = _prepare(kind, kernel, process, arrays, out_arr)
+        if chunk_size is None and kind != "reduce" and mode != "copy" and nchunks > 0:
+            # Smaller chunks for a kernel that does much per row (see the module
+            # docstring), when the job is worth splitting at all: the measure is an
+            # upper bound that includes the job's fixed cost, so on a short job it
+            # says little about the kernel.
+            ns = row_ns(prep, pool)
+            if ns is not None and drivers_worth(ns, pool, n) >= 2:
+                chunk = _default_chunk_size(n, row_bytes, workers, overlap, work_rows(ns))
+                nchunks = math.ceil(n / chunk)
         if nchunks == 0:
             return returned if kind != "reduce" else _fold([], combine, identity)
         work = Work(kind, kernel, arrays, out_arr, n, chunk, nchunks, overlap, progress, timeout)

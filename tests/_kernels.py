@@ -107,6 +107,18 @@ def cpu_heavy(x, out):  # type: ignore[no-untyped-def]
         out[i] = v
 
 
+@njit(nogil=True, cache=True)
+def cpu_heavy_sum(x):  # type: ignore[no-untyped-def]
+    """A partial for reduce: the sum of cpu_heavy's outputs over the chunk."""
+    s = 0.0
+    for i in range(x.shape[0]):
+        v = x[i]
+        for _ in range(32):
+            v = v + 0.3 + 0.1 * np.sin(v) * np.cos(v)
+        s += v
+    return s
+
+
 _exit = types.ExternalFunction("_exit", types.void(types.int32))
 
 

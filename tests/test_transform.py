@@ -33,7 +33,7 @@ from shmcompute.errors import (
 )
 from shmcompute.pool import Pool
 from shmcompute.sync import Event
-from shmcompute.transform import default_chunk_size, reduce, transform
+from shmcompute.transform import default_chunk_size, reduce, transform, work_rows
 from tests import _kernels as K
 from tests import _pool_tasks as T
 
@@ -255,6 +255,71 @@ def test_helper_count_follows_the_measured_work(
     assert tasks == (2 - caller) + 5 * (per_call - caller)
 
 
+@pytest.mark.parametrize("backend", ["thread", "process"])
+def test_heavy_kernels_get_smaller_default_chunks_once_measured(
+    backend: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A kernel that does much per row needs far fewer rows than 64 KiB for a chunk's
+    # fixed cost to vanish: once the pool has measured it, transform's default chunks
+    # hold ~50 us of work (not less than a page), so a small array is shared among the
+    # workers. reduce (whose result depends on the chunk size) and copy mode keep the
+    # fixed floor.
+    from shmcompute import _runner
+    from shmcompute import transform as transform_module
+
+    monkeypatch.setattr(_runner, "HELP_FACTOR", 1e-12)  # every job is worth splitting
+    chunks: list[tuple[str, str, int]] = []
+    real_job, real_copy = transform_module.run_job, transform_module.run_copy
+
+    def job(w: Any, *a: Any, **kw: Any) -> Any:
+        chunks.append((w.kind, "share", w.chunk))
+        return real_job(w, *a, **kw)
+
+    def copy(w: Any, *a: Any, **kw: Any) -> Any:
+        chunks.append((w.kind, "copy", w.chunk))
+        return real_copy(w, *a, **kw)
+
+    monkeypatch.setattr(transform_module, "run_job", job)
+    monkeypatch.setattr(transform_module, "run_copy", copy)
+    x = np.linspace(0.0, 1.0, 4000)  # 31 KiB: one chunk under the 64 KiB floor
+    ref = np.empty_like(x)
+    K.cpu_heavy(x, ref)  # ~0.6 us a row: 512 rows hold 50 us of work
+    sums = []
+    with Pool(2, backend=backend) as pool:
+        for mode in ("share", "share", "share", "copy"):
+            out = transform(K.cpu_heavy, x, pool=pool, mode=mode, timeout=60)
+            np.testing.assert_allclose(out.array, ref)
+            out.unlink()
+            out.close()
+        for _ in range(3):
+            sums.append(reduce(K.cpu_heavy_sum, x, combine=operator.add, pool=pool, timeout=60))
+    page = 4096 // x.itemsize
+    assert chunks[0] == ("map", "share", 8192)  # nothing measured yet
+    assert [c[1:] for c in chunks[1:3]] == [("share", page)] * 2
+    assert chunks[3] == ("map", "copy", 8192)
+    assert chunks[4:] == [("reduce", "share", 8192)] * 3
+    assert sums == [sums[0]] * 3 and sums[0] == pytest.approx(ref.sum())
+
+
+def test_work_estimate_follows_lower_measures_at_once_and_higher_ones_slowly() -> None:
+    # Each measure of a job's work per row is an upper bound (fixed costs, a core taken
+    # away): one slow job must not pass a cheap kernel for an expensive one.
+    from types import SimpleNamespace
+
+    from shmcompute import _runner
+
+    pool: Any = SimpleNamespace()
+    prep: Any = object()
+    _runner._measured(prep, pool, 100.0)
+    _runner._measured(prep, pool, 1000.0)  # one slow job
+    assert _runner.row_ns(prep, pool) == pytest.approx(100.0 * _runner.COST_DRIFT)
+    _runner._measured(prep, pool, 40.0)
+    assert _runner.row_ns(prep, pool) == 40.0
+    for _ in range(30):  # the kernel really got slower (other data): followed
+        _runner._measured(prep, pool, 1000.0)
+    assert _runner.row_ns(prep, pool) == 1000.0
+
+
 def test_prepared_calls_work_with_the_fallback_key(
     pool: Pool, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -327,6 +392,20 @@ def test_default_chunk_size_rule() -> None:
     assert default_chunk_size(10**6, 10**6, 2) == 1  # a row over 1 MiB: one per chunk
     assert default_chunk_size(4000, 4000 * 8, 2, overlap=10) == 80  # >= 8 halos
     assert default_chunk_size(0, 8, 4) >= 1
+    # A measured kernel: the floor falls to 50 us of work, but not below a page.
+    assert default_chunk_size(50_000, 8, 16, work_rows=64) == 512  # a page of float64
+    assert default_chunk_size(50_000, 8, 2, work_rows=2048) == 2048
+    assert default_chunk_size(1_000_000, 8, 2, work_rows=64) == 31_250  # 16 per worker
+    assert default_chunk_size(1000, 8, 2, work_rows=1 << 17) == 8192  # cheap: 64 KiB
+    assert default_chunk_size(4000, 4000 * 8, 2, overlap=10, work_rows=1) == 80
+
+
+def test_work_rows_is_a_power_of_two_holding_50_us() -> None:
+    assert work_rows(1000.0) == 64  # 50 rows of 1 us, rounded up
+    assert work_rows(600.0) == 128
+    assert work_rows(1.5) == 1 << 16  # 33,334 rows
+    assert work_rows(1e9) == 1  # a row over 50 us
+    assert work_rows(0.0) >= 1
 
 
 def test_default_pool_is_used() -> None:
