@@ -12,7 +12,7 @@ job's kernel.)
 
 Job control words (int64)::
 
-    J_CLAIM    next position in the work list (fetch-add by every driver)
+    J_CLAIM    0, or STOP: stored by whoever stops every driver (an error, a timeout)
     J_DONE     chunks finished (the caller's progress bar reads it)
     J_EXITED   driver tasks that have left
     J_TARGET   the value of J_DONE at which this attempt's work list is done
@@ -25,6 +25,7 @@ Job control words (int64)::
                in an error and tells a crash which chunk it lost
     J_EXIT+t   1 once task t was counted in J_EXITED (by itself, or by the caller when
                its task died): each task is counted exactly once
+    J_BLOCK+8t claims made in task t's block of the work list (see ``claim``)
     J_FLAGS+i  1 once chunk i is written: after a crash, only unflagged chunks re-run
 
 A work list (``order``) of chunk indices lets a re-run cover just the lost chunks; an
@@ -52,7 +53,9 @@ J_BELL = 6
 J_TASK = 8  # per driver task
 MAX_TASKS = 256
 J_EXIT = J_TASK + MAX_TASKS  # per driver task: 1 once counted in J_EXITED
-J_FLAGS = J_EXIT + MAX_TASKS  # per chunk
+J_BLOCK = J_EXIT + MAX_TASKS  # per driver task, a cache line each: claims in its block
+BLOCK_STRIDE = 8
+J_FLAGS = J_BLOCK + BLOCK_STRIDE * MAX_TASKS  # per chunk
 STOP = 1 << 40  # stored into J_CLAIM to stop every driver (an error elsewhere)
 
 
@@ -88,8 +91,11 @@ def kernel_at(typingctx, kref, kaddr):  # type: ignore[no-untyped-def]
 # and publishing them (an atomic store, or a lock) orders these stores before it.
 @njit(cache=True)
 def reset(ctrl, nchunks):  # type: ignore[no-untyped-def]
-    """A fresh job: every word zero, no task on a chunk."""
-    for i in range(J_FLAGS + nchunks):
+    """A fresh job: every word zero, no task on a chunk (the block counters are set
+    by ``begin_attempt``)."""
+    for i in range(J_BLOCK):
+        ctrl[i] = 0
+    for i in range(J_FLAGS, J_FLAGS + nchunks):
         ctrl[i] = 0
     for t in range(MAX_TASKS):
         ctrl[J_TASK + t] = -1
@@ -105,6 +111,46 @@ def begin_attempt(ctrl, nwork, ntasks):  # type: ignore[no-untyped-def]
     ctrl[J_NTASKS] = ntasks
     for t in range(MAX_TASKS):
         ctrl[J_EXIT + t] = 0
+    for t in range(ntasks):
+        ctrl[J_BLOCK + BLOCK_STRIDE * t] = 0
+
+
+@njit(nogil=True, cache=True, inline="always")
+def claim(ctrl, t, emptied, nwork):  # type: ignore[no-untyped-def]
+    """The next work-list position for driver ``t``, or -1 when none is left (or the
+    job was stopped), and the new ``emptied`` (how many blocks this driver has found
+    empty; start at 0). The work list is cut into one contiguous block per task: a driver works
+    through its own block first, then helps in the next ones. Each block has its own
+    counter on its own cache line, so drivers do not all contend for one counter, and
+    driver ``t`` of back-to-back jobs over the same arrays starts on the same rows each
+    time: where it runs on the same core (the caller is driver 0 on threads; process
+    task ``t`` goes to the same idle worker each job), they may still be in its cache.
+    A driver that starts late loses its block's front to the others, no more."""
+    ntasks = max(1, ctrl[J_NTASKS])
+    while emptied < ntasks:
+        if at.load(ctrl, J_CLAIM) >= STOP:
+            return -1, emptied
+        u = t + emptied
+        if u >= ntasks:
+            u -= ntasks
+        j = u * nwork // ntasks + at.add(ctrl, J_BLOCK + BLOCK_STRIDE * u, 1)
+        if j < (u + 1) * nwork // ntasks:
+            return j, emptied
+        emptied += 1
+    return -1, emptied
+
+
+@njit(cache=True)
+def exhausted(ctrl, nwork):  # type: ignore[no-untyped-def]
+    """Nothing is left to claim (or the job was stopped)."""
+    if at.load(ctrl, J_CLAIM) >= STOP:
+        return True
+    ntasks = max(1, ctrl[J_NTASKS])
+    for u in range(ntasks):
+        claimed = at.load(ctrl, J_BLOCK + BLOCK_STRIDE * u)
+        if u * nwork // ntasks + claimed < (u + 1) * nwork // ntasks:
+            return False
+    return True
 
 
 COMPLETE = 1  # every chunk of the attempt written, and nothing asked the drivers to stop
@@ -153,9 +199,10 @@ def left(ctrl, t):  # type: ignore[no-untyped-def]
 def map1(kref, kaddr, ctrl, t, order, a, out, n, chunk, nchunks):  # type: ignore[no-untyped-def]
     kernel = kernel_at(kref, kaddr)
     nwork = order.shape[0] if order.shape[0] > 0 else nchunks
+    emptied = 0
     while True:
-        j = at.add(ctrl, J_CLAIM, 1)
-        if j >= nwork:
+        j, emptied = claim(ctrl, t, emptied, nwork)
+        if j < 0:
             break
         i = order[j] if order.shape[0] > 0 else j
         at.store(ctrl, J_TASK + t, i)
@@ -171,9 +218,10 @@ def map1(kref, kaddr, ctrl, t, order, a, out, n, chunk, nchunks):  # type: ignor
 def map2(kref, kaddr, ctrl, t, order, a, b, out, n, chunk, nchunks):  # type: ignore[no-untyped-def]
     kernel = kernel_at(kref, kaddr)
     nwork = order.shape[0] if order.shape[0] > 0 else nchunks
+    emptied = 0
     while True:
-        j = at.add(ctrl, J_CLAIM, 1)
-        if j >= nwork:
+        j, emptied = claim(ctrl, t, emptied, nwork)
+        if j < 0:
             break
         i = order[j] if order.shape[0] > 0 else j
         at.store(ctrl, J_TASK + t, i)
@@ -189,9 +237,10 @@ def map2(kref, kaddr, ctrl, t, order, a, b, out, n, chunk, nchunks):  # type: ig
 def map3(kref, kaddr, ctrl, t, order, a, b, c, out, n, chunk, nchunks):  # type: ignore[no-untyped-def]
     kernel = kernel_at(kref, kaddr)
     nwork = order.shape[0] if order.shape[0] > 0 else nchunks
+    emptied = 0
     while True:
-        j = at.add(ctrl, J_CLAIM, 1)
-        if j >= nwork:
+        j, emptied = claim(ctrl, t, emptied, nwork)
+        if j < 0:
             break
         i = order[j] if order.shape[0] > 0 else j
         at.store(ctrl, J_TASK + t, i)
@@ -207,9 +256,10 @@ def map3(kref, kaddr, ctrl, t, order, a, b, c, out, n, chunk, nchunks):  # type:
 def halo1(kref, kaddr, ctrl, t, order, a, out, n, chunk, nchunks, k):  # type: ignore[no-untyped-def]
     kernel = kernel_at(kref, kaddr)
     nwork = order.shape[0] if order.shape[0] > 0 else nchunks
+    emptied = 0
     while True:
-        j = at.add(ctrl, J_CLAIM, 1)
-        if j >= nwork:
+        j, emptied = claim(ctrl, t, emptied, nwork)
+        if j < 0:
             break
         i = order[j] if order.shape[0] > 0 else j
         at.store(ctrl, J_TASK + t, i)
@@ -226,9 +276,10 @@ def halo1(kref, kaddr, ctrl, t, order, a, out, n, chunk, nchunks, k):  # type: i
 def halo2(kref, kaddr, ctrl, t, order, a, b, out, n, chunk, nchunks, k):  # type: ignore[no-untyped-def]
     kernel = kernel_at(kref, kaddr)
     nwork = order.shape[0] if order.shape[0] > 0 else nchunks
+    emptied = 0
     while True:
-        j = at.add(ctrl, J_CLAIM, 1)
-        if j >= nwork:
+        j, emptied = claim(ctrl, t, emptied, nwork)
+        if j < 0:
             break
         i = order[j] if order.shape[0] > 0 else j
         at.store(ctrl, J_TASK + t, i)
@@ -246,9 +297,10 @@ def halo2(kref, kaddr, ctrl, t, order, a, b, out, n, chunk, nchunks, k):  # type
 def reduce1(kref, kaddr, ctrl, t, order, a, parts, n, chunk, nchunks):  # type: ignore[no-untyped-def]
     kernel = kernel_at(kref, kaddr)
     nwork = order.shape[0] if order.shape[0] > 0 else nchunks
+    emptied = 0
     while True:
-        j = at.add(ctrl, J_CLAIM, 1)
-        if j >= nwork:
+        j, emptied = claim(ctrl, t, emptied, nwork)
+        if j < 0:
             break
         i = order[j] if order.shape[0] > 0 else j
         at.store(ctrl, J_TASK + t, i)
@@ -264,9 +316,10 @@ def reduce1(kref, kaddr, ctrl, t, order, a, parts, n, chunk, nchunks):  # type: 
 def reduce2(kref, kaddr, ctrl, t, order, a, b, parts, n, chunk, nchunks):  # type: ignore[no-untyped-def]
     kernel = kernel_at(kref, kaddr)
     nwork = order.shape[0] if order.shape[0] > 0 else nchunks
+    emptied = 0
     while True:
-        j = at.add(ctrl, J_CLAIM, 1)
-        if j >= nwork:
+        j, emptied = claim(ctrl, t, emptied, nwork)
+        if j < 0:
             break
         i = order[j] if order.shape[0] > 0 else j
         at.store(ctrl, J_TASK + t, i)
@@ -282,9 +335,10 @@ def reduce2(kref, kaddr, ctrl, t, order, a, b, parts, n, chunk, nchunks):  # typ
 def reduce3(kref, kaddr, ctrl, t, order, a, b, c, parts, n, chunk, nchunks):  # type: ignore[no-untyped-def]
     kernel = kernel_at(kref, kaddr)
     nwork = order.shape[0] if order.shape[0] > 0 else nchunks
+    emptied = 0
     while True:
-        j = at.add(ctrl, J_CLAIM, 1)
-        if j >= nwork:
+        j, emptied = claim(ctrl, t, emptied, nwork)
+        if j < 0:
             break
         i = order[j] if order.shape[0] > 0 else j
         at.store(ctrl, J_TASK + t, i)

@@ -320,7 +320,7 @@ def run_task(packed: PackedJob, t: int) -> int:
     ready = packed.ready
     ctrl = view(job.ctrl) if ready is None else ready[1]
     nwork = job.order.shape[0] if job.order is not None else job.nchunks
-    if at.load(ctrl, D.J_CLAIM) >= nwork:
+    if D.exhausted(ctrl, nwork):
         # The other tasks did every chunk (or were stopped) before this one started:
         # leave without attaching anything. The caller counts this task out when its
         # result arrives; the arena stays the job's until then.
@@ -332,7 +332,7 @@ def run_task(packed: PackedJob, t: int) -> int:
             ins = tuple(view(h, job.keep) for h in job.inputs)
             out = view(job.out, job.keep)
         except FileNotFoundError:
-            if at.load(ctrl, D.J_CLAIM) >= nwork:
+            if D.exhausted(ctrl, nwork):
                 # Lost the race to the last chunk: while this task attached, the others
                 # claimed every chunk, the caller returned and freed what it owned (a
                 # copy of a NumPy input, a transferred array). Nothing is left to do.

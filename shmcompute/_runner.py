@@ -6,8 +6,9 @@ waiting for the bell, re-running chunks a crash lost.
     caller (run_job)                              driver tasks (pool workers)
     ----------------                              ---------------------------
     take an arena (control words), reset it
-    submit driver tasks 1..N-1 (threads) or       claim chunks: i = J_CLAIM++ ...
-      0..N-1 (processes), run driver 0 itself       write chunk i, J_DONE += 1
+    submit driver tasks 1..N-1 (threads) or       claim chunks, own block first:
+      0..N-1 (processes), run driver 0 itself       i = block[t]++ ...
+                                                    write chunk i, J_DONE += 1
       on threads                                    the last chunk rings J_BELL
     wait for J_BELL: complete -> return           leave: J_EXITED += 1 (the last
                      failed   -> wait for every     one rings J_BELL too)

@@ -8,7 +8,8 @@
         ------                          -----------------------------------------------
         check arguments, compile the    attach inputs/out by handle (process, cached)
         kernel for the chunk types      compiled driver loop, no GIL, no Python per chunk:
-        (driver + kernel: disk cache)     i = atomic add(J_CLAIM, 1); stop if i >= chunks
+        (driver + kernel: disk cache)     i = atomic add(block counter, 1), own block
+                                          first, then the others'; stop when none left
         submit one driver task per        kernel(in[lo:hi], ..., out[lo:hi])
         worker, wait for them             flag chunk i done; J_DONE += 1
         re-run chunks a crash lost

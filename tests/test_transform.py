@@ -592,6 +592,56 @@ def test_caller_does_not_wait_for_tasks_that_never_started() -> None:
     gate.close()
 
 
+def test_drivers_claim_their_own_block_first_then_help_the_others() -> None:
+    from shmcompute import _drivers as D
+
+    ctrl = np.zeros(D.ctrl_words(10), np.int64)
+    D.reset(ctrl, 10)
+    D.begin_attempt(ctrl, 10, 3)  # blocks [0, 3), [3, 6), [6, 10)
+    got, emptied = [], 0
+    while True:
+        j, emptied = D.claim(ctrl, 1, emptied, 10)
+        if j < 0:
+            break
+        got.append(j)
+    assert got == [3, 4, 5, 6, 7, 8, 9, 0, 1, 2]
+    assert D.exhausted(ctrl, 10)
+    assert D.claim(ctrl, 0, 0, 10)[0] == -1
+
+
+def test_interleaved_claims_take_every_chunk_exactly_once() -> None:
+    from shmcompute import _drivers as D
+
+    rng = np.random.default_rng(7)
+    for nwork, ntasks in [(1, 1), (5, 3), (3, 5), (100, 7), (4096, 16)]:
+        ctrl = np.zeros(D.ctrl_words(nwork), np.int64)
+        D.reset(ctrl, nwork)
+        D.begin_attempt(ctrl, nwork, ntasks)
+        emptied = [0] * ntasks
+        live = list(range(ntasks))
+        got = []
+        while live:
+            t = live[rng.integers(len(live))]
+            j, emptied[t] = D.claim(ctrl, t, emptied[t], nwork)
+            if j < 0:
+                live.remove(t)
+            else:
+                got.append(j)
+        assert sorted(got) == list(range(nwork)), (nwork, ntasks)
+        assert D.exhausted(ctrl, nwork)
+
+
+def test_a_stopped_job_has_nothing_to_claim() -> None:
+    from shmcompute import _drivers as D
+
+    ctrl = np.zeros(D.ctrl_words(8), np.int64)
+    D.reset(ctrl, 8)
+    D.begin_attempt(ctrl, 8, 2)
+    assert D.claim(ctrl, 0, 0, 8)[0] == 0 and not D.exhausted(ctrl, 8)
+    ctrl[D.J_CLAIM] = D.STOP
+    assert D.claim(ctrl, 1, 0, 8)[0] == -1 and D.exhausted(ctrl, 8)
+
+
 def test_a_late_process_task_leaves_without_attaching() -> None:
     # A process task that starts after the others did every chunk returns at once: it
     # must not attach the job's arrays (the caller may have freed them by then).
@@ -599,7 +649,8 @@ def test_a_late_process_task_leaves_without_attaching() -> None:
     from shmcompute._jobs import Job, kernel_ref, pack, run_task
 
     with Pool(1, backend="process") as pool, shc.zeros(D.ctrl_words(4), np.int64) as ctrl:
-        ctrl.array[D.J_CLAIM] = 4  # every chunk claimed
+        ctrl.array[D.J_NTASKS] = 1
+        ctrl.array[D.J_BLOCK] = 4  # every chunk of the one block claimed
         gone = shc.zeros(4, np.float64)
         handle = gone.handle
         gone.unlink()
@@ -607,7 +658,7 @@ def test_a_late_process_task_leaves_without_attaching() -> None:
         ref = kernel_ref(K.affine)
         job = pack(Job("map", ref, ctrl.handle, None, (handle,), handle, 4, 1, 4, 0, True))
         assert pool.submit(run_task, job, 0).result(timeout=60) == 0
-        ctrl.array[D.J_CLAIM] = 3  # one chunk left: now it must attach, and cannot
+        ctrl.array[D.J_BLOCK] = 3  # one chunk left: now it must attach, and cannot
         with pytest.raises(FileNotFoundError):
             pool.submit(run_task, job, 0).result(timeout=60)
 
@@ -624,6 +675,7 @@ def test_a_process_task_that_loses_the_race_to_the_last_chunk_leaves_quietly(
     from shmcompute import _jobs
 
     with shc.zeros(D.ctrl_words(4), np.int64) as ctrl:
+        ctrl.array[D.J_NTASKS] = 1
         gone = shc.zeros(4, np.float64)
         handle = gone.handle
         gone.unlink()
@@ -645,13 +697,13 @@ def test_a_process_task_that_loses_the_race_to_the_last_chunk_leaves_quietly(
 
         def view_while_the_others_finish(h: Any, populate: bool = True) -> np.ndarray:
             if h.name == handle.name:
-                ctrl.array[D.J_CLAIM] = 4  # meanwhile, every chunk was claimed
+                ctrl.array[D.J_BLOCK] = 4  # meanwhile, every chunk was claimed
             return real_view(h, populate)
 
         try:
             monkeypatch.setattr(_jobs, "view", view_while_the_others_finish)
             assert _jobs.run_task(_jobs.PackedJob(job), 0) == 0
-            ctrl.array[D.J_CLAIM] = 0
+            ctrl.array[D.J_BLOCK] = 0
             monkeypatch.setattr(_jobs, "view", real_view)
             with pytest.raises(FileNotFoundError):
                 _jobs.run_task(_jobs.PackedJob(job), 0)
