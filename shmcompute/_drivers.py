@@ -26,6 +26,8 @@ Job control words (int64)::
     J_EXIT+t   1 once task t was counted in J_EXITED (by itself, or by the caller when
                its task died): each task is counted exactly once
     J_BLOCK+8t claims made in task t's block of the work list (see ``claim``)
+    J_DESC     the job itself (kernel address, sizes, array addresses and shapes), for
+               threads that run drivers from compiled code (``_team``)
     J_FLAGS+i  1 once chunk i is written: after a crash, only unflagged chunks re-run
 
 A work list (``order``) of chunk indices lets a re-run cover just the lost chunks; an
@@ -55,7 +57,12 @@ MAX_TASKS = 256
 J_EXIT = J_TASK + MAX_TASKS  # per driver task: 1 once counted in J_EXITED
 J_BLOCK = J_EXIT + MAX_TASKS  # per driver task, a cache line each: claims in its block
 BLOCK_STRIDE = 8
-J_FLAGS = J_BLOCK + BLOCK_STRIDE * MAX_TASKS  # per chunk
+J_DESC = J_BLOCK + BLOCK_STRIDE * MAX_TASKS  # the job, for a thread team (_team.describe)
+DESC_WORDS = 16
+J_ARR = J_DESC + DESC_WORDS  # per array (inputs, then the output): address, then shape
+ARR_STRIDE = 8  # so at most 7 dimensions
+MAX_ARRAYS = 4
+J_FLAGS = J_ARR + ARR_STRIDE * MAX_ARRAYS  # per chunk
 STOP = 1 << 40  # stored into J_CLAIM to stop every driver (an error elsewhere)
 
 

@@ -415,6 +415,9 @@ _prev_hook: Any = None
 
 
 def _unraisable(u: Any) -> None:
+    team = getattr(_tls, "team", None)
+    if team is not None and team[0].kernel_failed(team[1], u.exc_value):
+        return
     job = getattr(_tls, "job", None)
     if job is not None and job[0] is None:
         ctrl, t = job[1], job[2]
@@ -431,6 +434,22 @@ def _route_unraisable() -> None:
     if sys.unraisablehook is not _unraisable:
         _prev_hook = sys.unraisablehook
         sys.unraisablehook = _unraisable
+
+
+def serve_team(team: Any, me: int) -> None:
+    """This thread is thread ``me`` of a driver team (``_team``): its kernels' errors
+    go to the team."""
+    _route_unraisable()
+    _tls.team = (team, me)
+
+
+def kernel_error(name: str, error: BaseException, i: int, chunk: int, n: int) -> TransformError:
+    lo, hi = i * chunk, min(i * chunk + chunk, n)
+    e = TransformError(
+        f"kernel {name} raised {type(error).__name__}: {error} on chunk {i} (rows {lo}:{hi})"
+    )
+    e.__cause__ = error
+    return e
 
 
 def drive(
@@ -458,11 +477,7 @@ def drive(
         job, _tls.job = _tls.job, None
     error = job[0]
     if error is not None:
-        i = job[3]
-        lo, hi = i * chunk, min(i * chunk + chunk, n)
-        raise TransformError(
-            f"kernel {name} raised {type(error).__name__}: {error} on chunk {i} (rows {lo}:{hi})"
-        ) from error
+        raise kernel_error(name, error, job[3], chunk, n)
     return 0
 
 

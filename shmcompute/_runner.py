@@ -24,6 +24,7 @@ waiting for the bell, re-running chunks a crash lost.
 from __future__ import annotations
 
 import functools
+import math
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -41,10 +42,12 @@ from ._jobs import (
     Work,
     drive,
     evict_oldest,
+    kernel_error,
     pack,
     plan,
     run_task,
 )
+from ._team import Team
 from .array import SharedArray
 from .errors import TransformError, WorkerCrashedError
 from .modes import Progress
@@ -78,22 +81,58 @@ def row_ns(prep: Prepared, pool: Pool) -> float | None:
 def drivers_worth(row_ns: float, pool: Pool, rows: int) -> float:
     """How many driver tasks ``rows`` of work at ``row_ns`` a row would keep busy, each
     bringing ``HELP_FACTOR`` times what starting one costs on ``pool``."""
-    return row_ns * rows / (HELP_FACTOR * pool._latencies.start * 1e9)
+    return row_ns * rows / (HELP_FACTOR * start_s(pool) * 1e9)
+
+
+def start_s(pool: Pool) -> float:
+    """What starting one more driver typically costs on ``pool``: from publish to start
+    on its team (threads), from submit to start of a task otherwise."""
+    team: Team | None = pool.__dict__.get("_team")
+    return team.start_s if team is not None else pool._latencies.start
+
+
+def team_for(pool: Pool) -> Team | None:
+    """The thread pool's driver team (made on its first transform), or None: process
+    pools and one-worker pools have none."""
+    team: Team | None = pool.__dict__.get("_team")
+    if team is None and pool.backend == "thread" and pool.max_workers > 1:
+        with pool._lock:
+            team = pool.__dict__.get("_team")
+            if team is None and pool._state == "running":
+                team = pool.__dict__["_team"] = Team(pool.max_workers - 1)
+                pool._close_callbacks.append(team.close)
+    return team
 
 
 def helpers(prep: Prepared, pool: Pool, rows: int, nwork: int) -> int:
-    """How many driver tasks a job of ``rows`` gets: each must bring at least
-    ``HELP_FACTOR`` times what starting one costs (the pool's submit-to-start time), by
-    this pool's last measure of the kernel's work per row; every worker while there is
-    no measure yet. On threads the caller is one of them, so a short job runs in the
-    caller alone: measured here, a 20,000-element ``y = 2.5x + 1`` (7 us of work) took
-    132 us with a helper thread, whose wake-up and GIL hand-offs land in the caller's
-    next call, and 32 us without."""
+    """How many drivers a job of ``rows`` gets, by this pool's measure of the kernel's
+    work per row; every worker while there is no measure yet. On a team (threads), see
+    ``team_drivers``. On processes each task must bring at least ``HELP_FACTOR`` times
+    what starting one costs (the pool's typical submit-to-start time)."""
     most = min(pool.max_workers, nwork, D.MAX_TASKS)
     per_row = _costs(pool).get(id(prep))
     if per_row is None:
         return most
+    team: Team | None = pool.__dict__.get("_team")
+    if team is not None:
+        return min(most, team_drivers(per_row * rows, team.start_s * 1e9))
     return max(1, min(most, int(drivers_worth(per_row, pool, rows))))
+
+
+TEAM_HELPER_NS = 1_000  # what one more team driver costs the caller (publish, notify)
+
+
+def team_drivers(work_ns: float, late_ns: float) -> int:
+    """Drivers for ``work_ns`` of work on a team whose threads start ``late_ns`` after
+    the caller. A team driver costs the caller only its publish (no GIL, no pool
+    task): the caller works alone until the others start, then k drivers share the
+    rest, so the job takes about ``late + (work - late) / k``, and the k-th driver saves
+    ``(work - late) / (k (k - 1))``. Take the largest k for which that is at least
+    ``HELP_FACTOR`` times its cost."""
+    spare = (work_ns - late_ns) / (HELP_FACTOR * TEAM_HELPER_NS)
+    if spare < 2:
+        return 1
+    return int((1 + math.sqrt(1 + 4 * spare)) / 2)
 
 
 COST_DRIFT = 1.25  # see _measured
@@ -137,10 +176,12 @@ ARENA_WORDS = D.ctrl_words(4096)  # the usual size: jobs of up to 4096 chunks
 
 
 class _Arenas:
-    """A pool's arenas. Invariant: ``busy + len(free)`` arenas exist for this pool."""
+    """A pool's arenas. Invariant: ``busy + len(free)`` arenas exist for this pool;
+    ``left`` holds busy ones that become free once every driver has left (team jobs)."""
 
     def __init__(self, lock: Any) -> None:
         self.free: list[Arena] = []
+        self.left: list[Arena] = []
         self.busy = 0
         self.cond = threading.Condition(lock)
 
@@ -160,6 +201,10 @@ def arena(pool: Pool, words: int) -> Arena:
             state = pool.__dict__["_arenas"] = _Arenas(pool._lock)
         deadline = None
         while True:
+            for a in [a for a in state.left if D.status(a.words) & D.ALL_LEFT]:
+                state.left.remove(a)
+                state.free.append(a)
+                state.busy -= 1
             for i, a in enumerate(state.free):
                 if a.words.shape[0] >= words:
                     state.busy += 1
@@ -191,6 +236,18 @@ def release(pool: Pool, a: Arena, busy: bool = True) -> None:
         state.free.append(a)
         state.busy -= busy
         state.cond.notify()
+
+
+def release_when_left(pool: Pool, a: Arena) -> None:
+    """Give the arena back once every driver of its job has left (a team's thread that
+    woke after the others had done every chunk still reads it): now, or when a job next
+    looks for an arena."""
+    if D.status(a.words) & D.ALL_LEFT:
+        release(pool, a)
+        return
+    with pool._lock:
+        state: _Arenas = pool.__dict__["_arenas"]
+        state.left.append(a)
 
 
 def release_after(pool: Pool, a: Arena, futures: list[Any]) -> None:
@@ -338,6 +395,8 @@ def run_job(
                 out_sa.array[...] = out_arr
     job_arena = arena(pool, D.ctrl_words(nchunks))
     every_future: list[Any] = []  # of every attempt: the arena is ours until all resolve
+    team = None if process else team_for(pool)
+    teamed = False  # an attempt ran on the team: the arena is ours until all drivers left
     ctrl = job_arena.words
     bar = Progress(nchunks) if progress else None
     order = NO_ORDER
@@ -375,16 +434,30 @@ def run_job(
                 ins = tuple(arrays)
                 p = prep.plan or plan(kind, kernel, prep.rt, ctrl, order, ins, out_arr)
                 rest = (order, ins, out_arr, n, chunk, nchunks, overlap)
-                futures = [
-                    pool.submit(drive, p, prep.name, ctrl, t, *rest) for t in range(1, ntasks)
-                ]
-                every_future += futures
-                for t, f in enumerate(futures, start=1):
-                    f.add_done_callback(functools.partial(_count_out, ctrl, t))
+                # Helpers: the pool's team (threads waiting in compiled code) when it can
+                # run this job, else pool tasks.
+                on_team = False
+                if ntasks > 1 and team is not None:
+                    sig = team.signature(p, kind, ins, out_arr)
+                    on_team = sig >= 0 and team.publish(
+                        ctrl, sig, p, order, ins, out_arr, n, chunk, nchunks, overlap, ntasks
+                    )
+                    teamed = teamed or on_team
+                futures = []
+                if not on_team:
+                    futures = [
+                        pool.submit(drive, p, prep.name, ctrl, t, *rest) for t in range(1, ntasks)
+                    ]
+                    every_future += futures
+                    for t, f in enumerate(futures, start=1):
+                        f.add_done_callback(functools.partial(_count_out, ctrl, t))
                 try:
                     drive(p, prep.name, ctrl, 0, *rest)
                 except BaseException:
-                    for f in futures:  # stopped by the STOP flag; wait for them to leave
+                    # Stopped by the STOP flag (or done): wait for the others to leave.
+                    if on_team:
+                        wait_bell(ctrl, _all_left, deadline, None)
+                    for f in futures:
                         f.exception(
                             None if deadline is None else max(0.0, deadline - time.monotonic())
                         )
@@ -402,7 +475,7 @@ def run_job(
                 # start, which took the pool's usual submit-to-start time, to the end).
                 took = time.perf_counter_ns() - started
                 if process or ntasks > 1:  # (never to zero: it is an estimate)
-                    took = max(took // 4, took - int(pool._latencies.start * 1e9))
+                    took = max(took // 4, took - int(start_s(pool) * 1e9))
                 _measured(prep, pool, took * ntasks / max(1, min(n, nwork * chunk)))
                 # Done. The futures of tasks that already left resolve on the pool's
                 # collector thread, and the arena goes back once they have. Waiting for
@@ -414,6 +487,9 @@ def run_job(
             # Something failed: wait for every task to leave and see what went wrong.
             wait_bell(ctrl, _all_left, deadline, bar)
             errors = wait_all(futures, deadline, ctrl, None)
+            failed = team.take_error(ctrl) if team is not None else None
+            if failed is not None:
+                errors.append(kernel_error(prep.name, failed[0], failed[2], chunk, n))
             lost = np.flatnonzero(ctrl[D.J_FLAGS : D.J_FLAGS + nchunks] == 0)
             stopped = int(ctrl[D.J_CLAIM]) >= D.STOP
             if not stopped and lost.size == 0:
@@ -464,8 +540,13 @@ def run_job(
             bar.close()
         # A task whose driver already left may still be resolving its future; its
         # callback writes this arena's exit words, so the arena goes back to the pool
-        # only when every future of this job has resolved.
-        release_after(pool, job_arena, every_future)
+        # only when every future of this job has resolved (or, on the team, when every
+        # driver has left).
+        if teamed and team is not None:
+            team.take_error(ctrl)  # (a failure the caller did not get to look at)
+            release_when_left(pool, job_arena)
+        else:
+            release_after(pool, job_arena, every_future)
         if order_sa is not None:
             order_sa.unlink()
             order_sa.close()

@@ -10,8 +10,10 @@
         kernel for the chunk types      compiled driver loop, no GIL, no Python per chunk:
         (driver + kernel: disk cache)     i = atomic add(block counter, 1), own block
                                           first, then the others'; stop when none left
-        submit one driver task per        kernel(in[lo:hi], ..., out[lo:hi])
-        worker, wait for them             flag chunk i done; J_DONE += 1
+        hand a driver to each helper      kernel(in[lo:hi], ..., out[lo:hi])
+        (process tasks, or the thread     flag chunk i done; J_DONE += 1
+        pool's team), run one itself
+        (threads), wait for the bell
         re-run chunks a crash lost
 
 ``kernel(*input_chunks, out_chunk)`` writes its output chunk; chunks are slices along
@@ -43,12 +45,16 @@ workers, against 4-7 ms for ``prange``). ``reduce`` keeps the fixed floor: its r
 depends on the chunk size, which must not depend on a timing. With ``overlap`` a chunk
 is at least 8 halos long, so re-read halo rows stay under a quarter of the reads.
 
+Helpers: on processes, driver tasks on the pool's workers; on threads, the caller runs
+driver 0 and the pool's team (``_team``: threads that wait in compiled code) runs the
+others, so no helper needs the GIL to start or end.
+
 Workers per job: the first call of a kernel (for given array types) on a pool uses every
-worker and measures the work per row; later calls give a job only as many driver tasks
-as bring at least ``HELP_FACTOR`` (4) times what starting one costs on that pool (its
-typical submit-to-start time, a running median). On threads the caller runs one of the
-tasks, so a short job runs in the caller alone: a helper thread's wake-up and GIL
-hand-offs cost more than it saves (see ``_runner.helpers``).
+worker and measures the work per row; later calls give a job only as many drivers as pay
+for themselves (``_runner.helpers``): on processes each must bring ``HELP_FACTOR`` (4)
+times what starting a task costs on that pool (its typical submit-to-start time, a
+running median); on a team, each must save ``HELP_FACTOR`` times its publish cost, given
+how late the team's threads typically start. A short job runs in the caller alone.
 
 Modes, kept side by side for comparison (identical results):
 

@@ -81,6 +81,25 @@ def dot_partial(a, b):  # type: ignore[no-untyped-def]
 
 
 @njit(nogil=True, cache=True)
+def blur_pair(a, b, out, start):  # type: ignore[no-untyped-def]
+    """A two-input halo kernel: out[i] = a[i-1] + b[i+1], zero past the ends."""
+    n = a.shape[0]
+    for j in range(out.shape[0]):
+        i = start + j
+        left = a[i - 1] if i >= 1 else 0.0
+        right = b[i + 1] if i + 1 < n else 0.0
+        out[j] = left + right
+
+
+@njit(nogil=True, cache=True)
+def dot3_partial(a, b, c):  # type: ignore[no-untyped-def]
+    s = 0.0
+    for i in range(a.shape[0]):
+        s += a[i] * b[i] * c[i]
+    return s
+
+
+@njit(nogil=True, cache=True)
 def fails_on_negative(x, out):  # type: ignore[no-untyped-def]
     for i in range(x.shape[0]):
         if x[i] < 0:

@@ -1,0 +1,241 @@
+"""The thread backend's driver team (shmcompute._team): threads that wait for jobs and
+run transform drivers in compiled code, without the GIL.
+
+Every kind of driver on the team, results against NumPy; kernel errors raised on a team
+thread reach the caller naming the chunk; arrays the team cannot describe fall back to
+pool tasks; jobs of other signatures interleave; rings refuse a job rather than
+overwrite one; the threads leave at shutdown.
+"""
+
+from __future__ import annotations
+
+import operator
+import threading
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import numpy as np
+import pytest
+
+from shmcompute import _drivers as D
+from shmcompute import _runner
+from shmcompute import _team as TM
+from shmcompute._jobs import NO_ORDER, kernel_rt, plan
+from shmcompute.errors import TransformError
+from shmcompute.pool import Pool
+from shmcompute.transform import reduce, transform
+from tests import _kernels as K
+
+WAIT = 30.0
+
+
+@pytest.fixture
+def every_driver(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every job gets every driver the pool has (on the team: unless the job is shorter
+    than the time its threads take to start, when the caller does it alone)."""
+    monkeypatch.setattr(_runner, "HELP_FACTOR", 1e-12)
+
+
+@pytest.fixture
+def pool() -> Iterator[Pool]:
+    p = Pool(3, backend="thread")
+    yield p
+    p.shutdown(wait=True, timeout=WAIT)
+
+
+def _team(pool: Pool) -> TM.Team:
+    team = pool.__dict__.get("_team")
+    assert team is not None, "the thread pool made no team"
+    return team
+
+
+def _blur(x: np.ndarray) -> np.ndarray:
+    p = np.pad(x, 1, mode="edge")
+    ones = np.pad(np.ones_like(x), 1)
+    sums = p[:-2] * ones[:-2] + p[1:-1] + p[2:] * ones[2:]
+    return sums / (ones[:-2] + 1 + ones[2:])
+
+
+def _blur_pair(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    return np.concatenate(([0.0], a[:-1])) + np.concatenate((b[1:], [0.0]))
+
+
+rng = np.random.default_rng(11)
+X, Y, Z = (rng.standard_normal(20_011) for _ in range(3))
+IMG = rng.random((1001, 16))
+CASES: list[tuple[str, Callable[[Pool], Any], Any]] = [
+    ("map1", lambda p: transform(K.affine, X, pool=p, chunk_size=500), 2.5 * X + 1.0),
+    ("map2", lambda p: transform(K.add2, X, Y, pool=p, chunk_size=500), X + Y),
+    ("map3", lambda p: transform(K.fma3, X, Y, Z, pool=p, chunk_size=500), X * Y + Z),
+    (
+        "map 2-D",
+        lambda p: transform(K.rows_plus_colsum, IMG, pool=p, chunk_size=50),
+        IMG * 2.0 + np.arange(16),
+    ),
+    ("halo1", lambda p: transform(K.blur3, X, pool=p, chunk_size=500, overlap=1), _blur(X)),
+    (
+        "halo2",
+        lambda p: transform(K.blur_pair, X, Y, pool=p, chunk_size=500, overlap=1),
+        _blur_pair(X, Y),
+    ),
+    (
+        "reduce1",
+        lambda p: reduce(K.chunk_sum, X, combine=operator.add, pool=p, chunk_size=500),
+        X.sum(),
+    ),
+    (
+        "reduce2",
+        lambda p: reduce(K.dot_partial, X, Y, combine=operator.add, pool=p, chunk_size=500),
+        X @ Y,
+    ),
+    (
+        "reduce3",
+        lambda p: reduce(K.dot3_partial, X, Y, Z, combine=operator.add, pool=p, chunk_size=500),
+        (X * Y * Z).sum(),
+    ),
+]
+
+
+def _value(result: Any) -> Any:
+    if hasattr(result, "array"):
+        value = result.array.copy()
+        result.unlink()
+        result.close()
+        return value
+    return result
+
+
+@pytest.mark.parametrize(("name", "run", "expected"), CASES, ids=[c[0] for c in CASES])
+def test_every_kind_of_driver_runs_on_the_team(
+    every_driver: None, pool: Pool, name: str, run: Callable[[Pool], Any], expected: Any
+) -> None:
+    for _ in range(6):  # (the first call also measures the kernel)
+        np.testing.assert_allclose(_value(run(pool)), expected, rtol=1e-9, atol=1e-9)
+    team = _team(pool)
+    assert team.handed == 6 * 2, "each call should hand drivers to both team threads"
+    pool.shutdown(wait=True, timeout=WAIT)
+    assert pool.stats.completed == 0  # and none ran as pool tasks
+    assert team.runs() > 0
+
+
+def test_team_threads_leave_at_shutdown() -> None:
+    with Pool(3, backend="thread") as pool:
+        transform(K.affine, X, pool=pool, chunk_size=500).unlink()
+        team = _team(pool)
+        assert all(t.is_alive() for t in team.threads) and len(team.threads) == 2
+    assert not any(t.is_alive() for t in team.threads)
+    assert not [t for t in threading.enumerate() if t.name.startswith("shmcompute-team")]
+
+
+def test_one_worker_pools_have_no_team() -> None:
+    with Pool(1, backend="thread") as pool:
+        out = transform(K.affine, X, pool=pool, chunk_size=500)
+        np.testing.assert_allclose(_value(out), 2.5 * X + 1.0)
+        assert "_team" not in pool.__dict__
+
+
+def test_a_kernel_error_on_a_team_thread_is_kept_for_the_job() -> None:
+    # The job goes to the team alone (this test plays a caller that leaves at once), so
+    # the team's thread runs every chunk and meets the bad one itself.
+    x = np.arange(1000.0)
+    x[734] = -1.0
+    out = np.empty_like(x)
+    team = TM.Team(1)
+    try:
+        ctrl = np.zeros(D.ctrl_words(10), np.int64)
+        D.reset(ctrl, 10)
+        D.begin_attempt(ctrl, 10, 2)
+        rt = kernel_rt("map", K.fails_on_negative, (x,), out)
+        p = plan("map", K.fails_on_negative, rt, ctrl, NO_ORDER, (x,), out)
+        sig = team.signature(p, "map", (x,), out)
+        assert sig >= 0
+        D.left(ctrl, 0)  # the caller's driver: gone without a chunk
+        assert team.publish(ctrl, sig, p, NO_ORDER, (x,), out, 1000, 100, 10, 0, 2)
+        deadline = time.monotonic() + WAIT
+        while not D.status(ctrl) & D.ALL_LEFT:
+            assert time.monotonic() < deadline, "the team's driver did not leave"
+            time.sleep(0.001)
+        failed = team.take_error(ctrl)
+        assert failed is not None
+        error, t, chunk = failed
+        assert "negative input" in str(error) and (t, chunk) == (1, 7)
+        assert ctrl[D.J_CLAIM] >= D.STOP  # the job was stopped
+        assert team.take_error(ctrl) is None  # handed over once
+    finally:
+        team.close()
+
+
+def test_a_kernel_error_in_a_team_job_names_the_chunk(every_driver: None, pool: Pool) -> None:
+    x = np.arange(20_000.0)
+    transform(K.fails_on_negative, x, out=np.empty_like(x), pool=pool, chunk_size=1000)
+    x[19_500] = -1.0  # the last block: a team thread's own
+    for _ in range(3):
+        with pytest.raises(TransformError) as info:
+            transform(K.fails_on_negative, x, out=np.empty_like(x), pool=pool, chunk_size=1000)
+        msg = str(info.value)
+        assert "fails_on_negative" in msg and "chunk 19 (rows 19000:20000)" in msg
+        assert "negative input" in msg
+    out = np.empty_like(x)
+    before = _team(pool).handed
+    transform(K.affine, x, out=out, pool=pool, chunk_size=1000)  # still usable
+    np.testing.assert_allclose(out, 2.5 * x + 1.0)
+    assert _team(pool).handed == before + 2
+
+
+def test_read_only_inputs_run_on_pool_tasks(every_driver: None, pool: Pool) -> None:
+    # A read-only array has another Numba type than the team can rebuild from an
+    # address: such jobs keep the pool-task path.
+    x = X.copy()
+    x.setflags(write=False)
+    for _ in range(3):
+        np.testing.assert_allclose(
+            _value(transform(K.affine, x, pool=pool, chunk_size=500)), 2.5 * x + 1.0
+        )
+    pool.shutdown(wait=True, timeout=WAIT)
+    assert _team(pool).handed == 0 and pool.stats.completed == 3 * 2
+
+
+def test_jobs_of_other_signatures_interleave(every_driver: None, pool: Pool) -> None:
+    # Each change of kernel or array types sends the team's threads back to Python to
+    # enter that signature's loop; a job is never run by the wrong one.
+    x32 = X.astype(np.float32)
+    for _ in range(30):
+        np.testing.assert_allclose(
+            _value(transform(K.affine, X, pool=pool, chunk_size=500)), 2.5 * X + 1.0
+        )
+        np.testing.assert_allclose(
+            _value(transform(K.affine, x32, pool=pool, chunk_size=500)),
+            2.5 * x32 + 1.0,
+            rtol=1e-6,
+            atol=1e-6,
+        )
+        np.testing.assert_allclose(
+            _value(transform(K.add2, X, Y, pool=pool, chunk_size=500)), X + Y
+        )
+    # (A thread that must change loops needs the GIL for it, and waits for it while the
+    # caller runs Python; the team's start time grows, and short jobs like these are
+    # then left to the caller alone: the policy, not a failure.)
+    team = _team(pool)
+    pool.shutdown(wait=True, timeout=WAIT)
+    assert team.runs() > 0
+
+
+def test_many_back_to_back_jobs_go_round_the_rings(every_driver: None, pool: Pool) -> None:
+    out = np.empty_like(X)
+    for i in range(3 * TM.RING + 5):
+        out.fill(np.nan)
+        transform(K.affine, X, out=out, pool=pool, chunk_size=500)
+        np.testing.assert_allclose(out, 2.5 * X + 1.0, err_msg=f"call {i}")
+
+
+def test_publish_refuses_a_job_a_thread_has_no_room_for() -> None:
+    words = np.zeros(TM.team_words(2), np.int64)
+    for i in range(TM.RING):
+        assert TM._publish(words, 3, 4096 + i, 10, 1, 0)
+    assert not TM._publish(words, 3, 9999, 10, 1, 0)  # both rings full
+    words[TM.HEADER + TM.R_SEEN] += 1  # thread 0 took a job; thread 1 did not
+    assert not TM._publish(words, 3, 9999, 10, 1, 0)
+    assert TM._publish(words, 2, 9999, 10, 1, 0)  # a job for thread 0 alone fits
+    words[TM.HEADER + TM.REC + TM.R_SEEN] += 1
+    assert not TM._publish(words, 3, 9999, 10, 1, 0)  # thread 0 is full again
