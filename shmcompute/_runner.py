@@ -201,10 +201,11 @@ def arena(pool: Pool, words: int) -> Arena:
             state = pool.__dict__["_arenas"] = _Arenas(pool._lock)
         deadline = None
         while True:
-            for a in [a for a in state.left if D.status(a.words) & D.ALL_LEFT]:
-                state.left.remove(a)
-                state.free.append(a)
-                state.busy -= 1
+            if state.left:  # (team jobs whose last drivers have left since)
+                for a in [a for a in state.left if D.status(a.words) & D.ALL_LEFT]:
+                    state.left.remove(a)
+                    state.free.append(a)
+                    state.busy -= 1
             for i, a in enumerate(state.free):
                 if a.words.shape[0] >= words:
                     state.busy += 1
@@ -395,7 +396,7 @@ def run_job(
                 out_sa.array[...] = out_arr
     job_arena = arena(pool, D.ctrl_words(nchunks))
     every_future: list[Any] = []  # of every attempt: the arena is ours until all resolve
-    team = None if process else team_for(pool)
+    team = None if process else pool.__dict__.get("_team")  # (made below, when needed)
     teamed = False  # an attempt ran on the team: the arena is ours until all drivers left
     ctrl = job_arena.words
     bar = Progress(nchunks) if progress else None
@@ -437,6 +438,8 @@ def run_job(
                 # Helpers: the pool's team (threads waiting in compiled code) when it can
                 # run this job, else pool tasks.
                 on_team = False
+                if ntasks > 1 and team is None:
+                    team = team_for(pool)
                 if ntasks > 1 and team is not None:
                     sig = team.signature(p, kind, ins, out_arr)
                     on_team = sig >= 0 and team.publish(

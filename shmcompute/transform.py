@@ -407,11 +407,11 @@ def _run(
         prep = _prepare(kind, kernel, process, arrays, out_arr)
         if chunk_size is None and kind != "reduce" and mode != "copy" and nchunks > 0:
             # Smaller chunks for a kernel that does much per row (see the module
-            # docstring), when the job is worth splitting at all: the measure is an
-            # upper bound that includes the job's fixed cost, so on a short job it
-            # says little about the kernel.
+            # docstring): only when a chunk holds more than their work (else nothing
+            # changes), and the job is worth splitting at all (the measure is an upper
+            # bound that includes the job's fixed cost: on a short job it says little).
             ns = row_ns(prep, pool)
-            if ns is not None and drivers_worth(ns, pool, n) >= 2:
+            if ns is not None and ns * chunk > _MIN_CHUNK_NS and drivers_worth(ns, pool, n) >= 2:
                 chunk = _default_chunk_size(n, row_bytes, workers, overlap, work_rows(ns))
                 nchunks = math.ceil(n / chunk)
         if nchunks == 0:
