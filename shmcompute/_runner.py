@@ -396,7 +396,7 @@ def run_job(
                 out_sa.array[...] = out_arr
     job_arena = arena(pool, D.ctrl_words(nchunks))
     every_future: list[Any] = []  # of every attempt: the arena is ours until all resolve
-    team = None if process else pool.__dict__.get("_team")  # (made below, when needed)
+    team = None if process else team_for(pool)
     teamed = False  # an attempt ran on the team: the arena is ours until all drivers left
     ctrl = job_arena.words
     bar = Progress(nchunks) if progress else None
@@ -438,8 +438,6 @@ def run_job(
                 # Helpers: the pool's team (threads waiting in compiled code) when it can
                 # run this job, else pool tasks.
                 on_team = False
-                if ntasks > 1 and team is None:
-                    team = team_for(pool)
                 if ntasks > 1 and team is not None:
                     sig = team.signature(p, kind, ins, out_arr)
                     on_team = sig >= 0 and team.publish(
