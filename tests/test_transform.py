@@ -235,18 +235,22 @@ def test_repeat_calls_follow_the_array_types(pool: Pool) -> None:
 def test_helper_count_follows_the_measured_work(
     backend: str, factor: float, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    # A job gets as many driver tasks as bring enough work each: the pool's last measure
-    # of the kernel's work per row must exceed HELP_FACTOR times what starting a task
-    # costs. The first call of a kernel on a pool uses every worker (nothing measured).
+    # A job gets as many drivers as pay for themselves by the pool's measure of the
+    # kernel's work per row: HELP_FACTOR times what starting one costs (a task's start,
+    # or a team driver's publish). The first call of a kernel on a pool uses every
+    # worker (nothing measured). The job is ~2 ms of work: longer than a helper can
+    # take to start, so with HELP_FACTOR ~0 helping always pays.
     from shmcompute import _runner
 
     monkeypatch.setattr(_runner, "HELP_FACTOR", factor)  # 1e12: never worth it; ~0: always
-    x = np.arange(4000.0)
+    x = np.linspace(0.0, 1.0, 4000)
+    ref = np.empty_like(x)
+    K.cpu_heavy(x, ref)
     out = np.empty_like(x)
     with Pool(2, backend=backend) as pool:
         for _ in range(6):
-            transform(K.affine, x, out=out, pool=pool, chunk_size=500, timeout=30)
-            np.testing.assert_allclose(out, _affine_ref(x))
+            transform(K.cpu_heavy, x, out=out, pool=pool, chunk_size=500, timeout=30)
+            np.testing.assert_allclose(out, ref)
         pool.shutdown(wait=True, timeout=30)
         helpers = _helper_runs(pool)
     per_call = 1 if factor > 1 else 2  # after the first call, which used both workers
@@ -256,10 +260,10 @@ def test_helper_count_follows_the_measured_work(
 
 
 def _helper_runs(pool: Pool) -> int:
-    """Driver loops run for transforms by others than the caller: the pool's tasks, and
-    on threads its team's runs (read after the pool shut down: every driver has left)."""
+    """Drivers given to others than the caller: the pool's tasks, and on threads the
+    ones handed to its team."""
     team = pool.__dict__.get("_team")
-    return pool.stats.completed + (team.runs() if team is not None else 0)
+    return pool.stats.completed + (team.handed if team is not None else 0)
 
 
 @pytest.mark.parametrize("backend", ["thread", "process"])
