@@ -317,10 +317,14 @@ def _array_section(b: _Bench, pools: dict[str, Any], section: str, n: int) -> No
         _interleave_rounds(b, section, n, sides)
 
 
-def _small_section(b: _Bench, pools: dict[str, Any], n: int, calls: int) -> None:
-    """The fixed cost of a call: ``calls`` back-to-back transforms of ``n`` elements
-    per run, reported per call. Parallelism cannot pay off at this size; what is left is
-    each tool's own overhead, and a direct call of the kernel is the floor."""
+def _small_section(
+    b: _Bench, pools: dict[str, Any], n: int, calls: int, section: str = "small"
+) -> None:
+    """``calls`` back-to-back transforms of ``n`` elements per run, reported per call.
+    ``small``: the fixed cost of a call; parallelism cannot pay off at that size, what
+    is left is each tool's own overhead, and a direct call of the kernel is the floor.
+    ``mid``: sizes where starting workers is a large part of the job (the data fits in
+    the cores' caches, so a tool that keeps each core on the same rows gains more)."""
     import numba
 
     from . import _bench_kernels as K
@@ -390,7 +394,7 @@ def _small_section(b: _Bench, pools: dict[str, Any], n: int, calls: int) -> None
         for key, label in (("shm-thread", "thread"), ("shm-process", "process")):
             call = functools.partial(transform, K.affine, sx, out=so, pool=pools[key])
             sides.append(side(f"shmcompute {label} (share)", "shmcompute", call, shm=True))
-        _interleave_rounds(b, "small", n, sides)
+        _interleave_rounds(b, section, n, sides)
 
 
 def _roundtrip_section(b: _Bench, pools: dict[str, Any], rounds: int) -> None:

@@ -47,6 +47,7 @@ from ._jobs import (
     plan,
     run_task,
 )
+from ._team import RING as TEAM_RING
 from ._team import Team
 from .array import SharedArray
 from .errors import TransformError, WorkerCrashedError
@@ -194,7 +195,10 @@ def arena(pool: Pool, words: int) -> Arena:
     leave). So a pool gets four arenas at once and back-to-back jobs rotate through them
     without waiting (with two, a tight loop of 200k-element jobs waited for one in 10-15%
     of calls); a job that finds none free waits a little for one to come back before it
-    makes another. The pool frees them when it closes."""
+    makes another. It does not wait for arenas that only a team's lagging thread still
+    holds (nothing would wake it when that thread leaves, and the job need not wait for
+    it): it makes another at once, up to a team thread's ring of them. The pool frees
+    them when it closes."""
     with pool._lock:
         state: _Arenas | None = pool.__dict__.get("_arenas")
         if state is None:
@@ -212,8 +216,10 @@ def arena(pool: Pool, words: int) -> Arena:
                     return state.free.pop(i)
             now = time.monotonic()
             deadline = now + ARENA_WAIT if deadline is None else deadline
+            have = state.busy + len(state.free)
             if (
-                state.busy + len(state.free) < ARENAS
+                have < ARENAS
+                or (state.left and have < ARENAS + TEAM_RING)
                 or now >= deadline
                 or words > ARENA_WORDS  # a busy arena of the usual size would not do
             ):

@@ -6,6 +6,8 @@ Sections (each verified against a reference before its figures are shown):
 * ``memory``: ``y = 2.5*x + 1`` (bandwidth-bound);
 * ``small``: the same on 1,000 elements, call after call: each tool's fixed cost per
   call (a direct call of the kernel in one thread is the floor);
+* ``mid``: the same on 200,000 elements (1.5 MiB in, 1.5 MiB out), call after call:
+  where starting the workers is a large part of each call;
 * ``roundtrip``: submit a trivial task and wait for its result, one at a time;
 * ``modes``: share / copy / transfer over payload sizes.
 
@@ -13,7 +15,7 @@ Peers: NumPy, one Numba thread, Numba ``prange``, ``ThreadPoolExecutor``,
 ``ProcessPoolExecutor``, ``multiprocessing.Pool`` and joblib (skipped when not
 installed). Every figure is a median over ``--repeat`` runs after a warm-up; the table
 gives each row's speed relative to the best peer (2.00x = twice as fast). The ``cpu``,
-``memory`` and ``small`` sides run interleaved, in rounds (each round runs every side
+``memory``, ``small`` and ``mid`` sides run interleaved, in rounds (each round runs every side
 once, in a rotated order), so that a slow spell of a shared machine falls on all of
 them alike.
 """
@@ -49,7 +51,7 @@ from ._bench_sections import _time as _time
 
 __all__ = ["SECTIONS", "Report", "Row", "main"]
 
-SECTIONS = ("cpu", "memory", "small", "roundtrip", "modes")
+SECTIONS = ("cpu", "memory", "small", "mid", "roundtrip", "modes")
 
 
 def _num(v: float) -> str:
@@ -110,6 +112,7 @@ def _table(report: Report) -> str:
         "cpu": "CPU-bound transform (32 sin/cos steps per element)",
         "memory": "memory-bound transform (y = 2.5x + 1)",
         "small": "small transform (y = 2.5x + 1), call after call, per call",
+        "mid": "mid-size transform (y = 2.5x + 1), call after call, per call",
         "roundtrip": "task round trip (submit, wait for the result), per task",
         "modes": "moving the data, process backend (share / copy / transfer; O(1) kernel)",
     }
@@ -146,8 +149,8 @@ def _per(report: Report, section: str, rows: list[Row]) -> tuple[int, float, str
     """How a section's times are shown: (divide by, scale, unit)."""
     if section == "roundtrip":
         return rows[0].size, 1e6, "us"
-    if section == "small":
-        return report.settings["small_calls"], 1e6, "us"
+    if section in ("small", "mid"):
+        return report.settings[f"{section}_calls"], 1e6, "us"
     return 1, 1e3, "ms"
 
 
@@ -206,6 +209,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--mem-size", type=int, default=16_000_000)
     parser.add_argument("--small-size", type=int, default=1000)
     parser.add_argument("--small-calls", type=int, default=200, help="calls per timed run")
+    parser.add_argument("--mid-size", type=int, default=200_000)
+    parser.add_argument("--mid-calls", type=int, default=20, help="calls per timed run")
     parser.add_argument("--roundtrips", type=int, default=2000)
     parser.add_argument("--mode-sizes", default="1KiB,1MiB,64MiB")
     parser.add_argument("--repeat", type=int, default=5)
@@ -222,7 +227,8 @@ def main(argv: list[str] | None = None) -> int:
     bad = [s for s in sections if s not in SECTIONS]
     if bad:
         parser.error(f"--sections: unknown {bad}; choose from {','.join(SECTIONS)}")
-    for name in ("cpu_size", "mem_size", "small_size", "small_calls", "roundtrips", "repeat"):
+    numbers = ("cpu_size", "mem_size", "small_size", "small_calls", "mid_size", "mid_calls")
+    for name in (*numbers, "roundtrips", "repeat"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1")
     try:
@@ -236,7 +242,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--workers must be >= 1")
     if args.quick:
         args.cpu_size, args.mem_size, args.roundtrips, args.repeat = 20_000, 200_000, 100, 2
-        args.small_calls = 20
+        args.small_calls, args.mid_size, args.mid_calls = 20, 20_000, 5
         mode_sizes = [1024, 1 << 20]
 
     report = Report(
@@ -248,6 +254,8 @@ def main(argv: list[str] | None = None) -> int:
             "mem_size": args.mem_size,
             "small_size": args.small_size,
             "small_calls": args.small_calls,
+            "mid_size": args.mid_size,
+            "mid_calls": args.mid_calls,
             "roundtrips": args.roundtrips,
             "mode_sizes": mode_sizes,
             "repeat": args.repeat,
@@ -272,6 +280,8 @@ def main(argv: list[str] | None = None) -> int:
                 )
             elif section == "small":
                 _small_section(b, pools, args.small_size, args.small_calls)
+            elif section == "mid":
+                _small_section(b, pools, args.mid_size, args.mid_calls, "mid")
             elif section == "roundtrip":
                 _roundtrip_section(b, pools, args.roundtrips)
             else:

@@ -44,6 +44,7 @@ def test_bench_quick_verifies_and_saves(tmp_path):
         "CPU-bound",
         "memory-bound",
         "small transform",
+        "mid-size transform",
         "task round trip",
         "moving the data",
     ):
@@ -72,3 +73,5 @@ def test_bench_rejects_bad_options():
     assert out.returncode == 2 and "not a size" in out.stderr
     out = run("bench", "--small-calls", "0")
     assert out.returncode == 2 and "--small-calls must be >= 1" in out.stderr
+    out = run("bench", "--mid-size", "-5")
+    assert out.returncode == 2 and "--mid-size must be >= 1" in out.stderr
