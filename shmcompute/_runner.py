@@ -111,6 +111,8 @@ def helpers(prep: Prepared, pool: Pool, rows: int, nwork: int) -> int:
     ``team_drivers``. On processes each task must bring at least ``HELP_FACTOR`` times
     what starting one costs (the pool's typical submit-to-start time)."""
     most = min(pool.max_workers, nwork, D.MAX_TASKS)
+    if most == 1:
+        return 1  # (one chunk, or one worker: nothing to decide)
     per_row = _costs(pool).get(id(prep))
     if per_row is None:
         return most

@@ -339,7 +339,7 @@ class Team:
     @property
     def start_s(self) -> float:
         """Typical seconds from publishing a job to a thread starting it."""
-        return int(self.words[H_START_NS]) / 1e9
+        return self.words.item(H_START_NS) / 1e9  # type: ignore[no-any-return]
 
     def runs(self) -> int:
         """Driver loops the team's threads have run."""
