@@ -21,6 +21,9 @@ Job control words (int64)::
                complete: the caller returns without waiting for tasks that have not
                even started) and when the last task leaves (a failure: the caller
                waits for every task before it looks at what went wrong)
+    J_ATTEMPT  a number unique to this attempt of this job: a task's future that
+               resolves after its job has returned counts the task out only if the
+               arena still holds that attempt (``left_if``)
     J_TASK+t   chunk that driver task t is running, -1 between chunks: names the chunk
                in an error and tells a crash which chunk it lost
     J_EXIT+t   1 once task t was counted in J_EXITED (by itself, or by the caller when
@@ -52,6 +55,7 @@ J_SCRATCH = 3  # bumped by the caller's spin (it marks "GIL released"; unused he
 J_TARGET = 4
 J_NTASKS = 5
 J_BELL = 6
+J_ATTEMPT = 7  # which attempt of which job holds the arena (see ``left_if``)
 J_TASK = 8  # per driver task
 MAX_TASKS = 256
 J_EXIT = J_TASK + MAX_TASKS  # per driver task: 1 once counted in J_EXITED
@@ -109,8 +113,10 @@ def reset(ctrl, nchunks):  # type: ignore[no-untyped-def]
 
 
 @njit(cache=True)
-def begin_attempt(ctrl, nwork, ntasks):  # type: ignore[no-untyped-def]
-    """Before (re)running a work list of ``nwork`` chunks with ``ntasks`` tasks."""
+def begin_attempt(ctrl, nwork, ntasks, attempt):  # type: ignore[no-untyped-def]
+    """Before (re)running a work list of ``nwork`` chunks with ``ntasks`` tasks;
+    ``attempt``: a number no other attempt of any job on this arena has."""
+    ctrl[J_ATTEMPT] = attempt
     ctrl[J_CLAIM] = 0
     ctrl[J_EXITED] = 0
     ctrl[J_BELL] = 0
@@ -160,6 +166,17 @@ def exhausted(ctrl, nwork):  # type: ignore[no-untyped-def]
     return True
 
 
+@njit(cache=True)
+def leave_if_exhausted(ctrl, t, nwork):  # type: ignore[no-untyped-def]
+    """``exhausted``, and if so count task ``t`` out (``left``): a task that starts
+    after the others did every chunk leaves at once. One compiled call, one load from
+    the cache in a new worker process."""
+    if exhausted(ctrl, nwork):
+        left(ctrl, t)
+        return True
+    return False
+
+
 COMPLETE = 1  # every chunk of the attempt written, and nothing asked the drivers to stop
 ALL_LEFT = 2  # every task of the attempt has left
 
@@ -189,16 +206,27 @@ def finished(ctrl, i):  # type: ignore[no-untyped-def]
 
 
 # Without nogil: inlined into the (nogil) drivers it makes no difference, and called
-# from Python (a future's callback, _count_out) it keeps the GIL, as a helper this short
-# should.
+# from Python (a process task on its way out, a caller counting out a crashed task) it
+# keeps the GIL, as a helper this short should.
 @njit(cache=True, inline="always")
 def left(ctrl, t):  # type: ignore[no-untyped-def]
-    """Count driver ``t`` out, once, and ring when it was the last. The caller counts a
-    task out the same way when its future fails (a crash) or when the task found the
-    job already done: whoever comes first, through the exchange, counts it."""
+    """Count driver ``t`` out, once, and ring when it was the last. A process task
+    counts itself out the same way however it ends (``run_task``), and the caller
+    counts out the tasks whose futures resolved when a job failed (a worker that died
+    counted nothing): whoever comes first, through the exchange, counts it."""
     if at.exchange(ctrl, J_EXIT + t, 1) == 0:
         if at.add(ctrl, J_EXITED, 1) + 1 >= at.load(ctrl, J_NTASKS):
             ring(ctrl)
+
+
+@njit(cache=True)
+def left_if(ctrl, t, attempt):  # type: ignore[no-untyped-def]
+    """``left(ctrl, t)`` if the arena still holds ``attempt``: for a task's future
+    resolving after its job returned, when the arena may be another job's by now. It
+    keeps the GIL, and only Python code in this process starts an attempt on an arena,
+    so the arena cannot change hands between the check and the count."""
+    if ctrl[J_ATTEMPT] == attempt:
+        left(ctrl, t)
 
 
 # One driver per (kind, number of inputs); Numba needs fixed arity. They are written out

@@ -21,6 +21,7 @@ from numba import types
 from numba.core.registry import CPUDispatcher
 
 from . import _drivers as D
+from . import _layout as L
 from . import atomics as at
 from .array import SharedArray, SharedArrayHandle
 from .errors import ArgumentError, ArgumentTypeError, TransformError
@@ -267,15 +268,26 @@ class PackedJob:
     compiled driver), so a repeated job costs a dictionary lookup on each side instead
     of ~25 us of pickling, attaching and type checks."""
 
-    __slots__ = ("job", "payload", "ready")
+    __slots__ = ("calls", "job", "payload", "ready")
 
     def __init__(self, job: Job, payload: bytes | None = None) -> None:
         self.job = job
         self.payload = payload if payload is not None else pickle.dumps(job, _PROTOCOL)
         self.ready: tuple[Any, ...] | None = None  # worker side, see run_task
+        self.calls: list[bytes | None] = []  # caller side, see call
 
     def __reduce__(self) -> tuple[Any, ...]:
         return (_unpack, (self.payload,))
+
+    def call(self, t: int) -> bytes | None:
+        """Driver task ``t``'s call, ``run_task(self, t)``, pickled once (what a process
+        pool sends a worker); None when it is too large for a ring slot (the pool then
+        pickles it and spills it to a segment, as for any large call)."""
+        calls = self.calls
+        while len(calls) <= t:
+            b = pickle.dumps((run_task, (self, len(calls)), {}), _PROTOCOL)
+            calls.append(b if len(b) <= L.SLOT_INLINE else None)
+        return calls[t]
 
 
 _PROTOCOL = pickle.HIGHEST_PROTOCOL
@@ -314,16 +326,26 @@ def _unpack(payload: bytes) -> PackedJob:
 
 def run_task(packed: PackedJob, t: int) -> int:
     """Process-worker entry: attach by handle (or reuse what this job had), run the
-    compiled driver."""
+    compiled driver. However it ends, the task counts itself out of the job's arena
+    before it returns (the driver on its way out, or ``leave_if_exhausted``, or the
+    handler below): the caller reuses the arena once every task has
+    (``_runner.release_when_left``)."""
     job = packed.job
     _sweep()
     ready = packed.ready
     ctrl = view(job.ctrl) if ready is None else ready[1]
+    try:
+        return _run_task(packed, t, job, ready, ctrl)
+    except BaseException:
+        D.left(ctrl, t)  # (failed before its driver ran; a no-op if it failed in it)
+        raise
+
+
+def _run_task(packed: PackedJob, t: int, job: Job, ready: Any, ctrl: np.ndarray) -> int:
     nwork = job.order.shape[0] if job.order is not None else job.nchunks
-    if D.exhausted(ctrl, nwork):
+    if D.leave_if_exhausted(ctrl, t, nwork):
         # The other tasks did every chunk (or were stopped) before this one started:
-        # leave without attaching anything. The caller counts this task out when its
-        # result arrives; the arena stays the job's until then.
+        # leave without attaching anything.
         return 0
     if ready is None:
         kernel = resolve(job.kernel)
@@ -332,7 +354,7 @@ def run_task(packed: PackedJob, t: int) -> int:
             ins = tuple(view(h, job.keep) for h in job.inputs)
             out = view(job.out, job.keep)
         except FileNotFoundError:
-            if D.exhausted(ctrl, nwork):
+            if D.leave_if_exhausted(ctrl, t, nwork):
                 # Lost the race to the last chunk: while this task attached, the others
                 # claimed every chunk, the caller returned and freed what it owned (a
                 # copy of a NumPy input, a transferred array). Nothing is left to do.

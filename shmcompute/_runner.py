@@ -15,7 +15,7 @@ waiting for the bell, re-running chunks a crash lost.
                                  task, re-run
                                  the lost chunks
     the arena goes back to the pool when every
-    task's future has resolved (release_after)
+    driver has left (release_when_left)
 
 ``transform`` compiles the kernel and plans the chunks once per kernel and array layouts
 (:class:`Prepared`); everything here runs on every call, so it is kept short.
@@ -24,6 +24,7 @@ waiting for the bell, re-running chunks a crash lost.
 from __future__ import annotations
 
 import functools
+import itertools
 import math
 import threading
 import time
@@ -180,38 +181,36 @@ ARENA_WORDS = D.ctrl_words(4096)  # the usual size: jobs of up to 4096 chunks
 
 class _Arenas:
     """A pool's arenas. Invariant: ``busy + len(free)`` arenas exist for this pool;
-    ``left`` holds busy ones that become free once every driver has left (team jobs)."""
+    ``left`` holds busy ones (with their jobs' pool tasks) whose jobs have returned,
+    free once every driver has left."""
 
     def __init__(self, lock: Any) -> None:
         self.free: list[Arena] = []
-        self.left: list[Arena] = []
+        self.left: list[tuple[Arena, Sequence[Any]]] = []
         self.busy = 0
         self.cond = threading.Condition(lock)
 
 
 def arena(pool: Pool, words: int) -> Arena:
-    """A free arena of at least ``words``. An arena stays busy until every task of its
-    job has resolved (see ``release_after``), which is usually after the job returned:
-    the job ends at its last chunk, and its tasks' futures resolve on the pool's threads
-    a little later (a task that woke after the others had done every chunk still has to
-    leave). So a pool gets four arenas at once and back-to-back jobs rotate through them
-    without waiting (with two, a tight loop of 200k-element jobs waited for one in 10-15%
-    of calls); a job that finds none free waits a little for one to come back before it
-    makes another. It does not wait for arenas that only a team's lagging thread still
-    holds (nothing would wake it when that thread leaves, and the job need not wait for
-    it): it makes another at once, up to a team thread's ring of them. The pool frees
-    them when it closes."""
+    """A free arena of at least ``words``. An arena stays busy until every driver of its
+    job has left (see ``release_when_left``), which is usually after the job returned:
+    the job ends at its last chunk, and its drivers leave a little later (a task that
+    woke after the others had done every chunk still has to). So a pool gets four arenas
+    at once and back-to-back jobs rotate through them without waiting (with two, a tight
+    loop of 200k-element jobs waited for one in 10-15% of calls); a job that finds none
+    free waits a little for one to come back (the futures of its pool tasks resolving
+    wake it, ``_count_out``) before it makes another. It does not wait for arenas that
+    only a team's lagging thread still holds (nothing would wake it when that thread
+    leaves, and the job need not wait for it): it makes another at once, up to a team
+    thread's ring of them. The pool frees them all when it closes."""
     with pool._lock:
         state: _Arenas | None = pool.__dict__.get("_arenas")
         if state is None:
             state = pool.__dict__["_arenas"] = _Arenas(pool._lock)
         deadline = None
         while True:
-            if state.left:  # (team jobs whose last drivers have left since)
-                for a in [a for a in state.left if D.status(a.words) & D.ALL_LEFT]:
-                    state.left.remove(a)
-                    state.free.append(a)
-                    state.busy -= 1
+            if state.left:  # (jobs whose last drivers have left since)
+                _free_left(state)
             for i, a in enumerate(state.free):
                 if a.words.shape[0] >= words:
                     state.busy += 1
@@ -221,7 +220,7 @@ def arena(pool: Pool, words: int) -> Arena:
             have = state.busy + len(state.free)
             if (
                 have < ARENAS
-                or (state.left and have < ARENAS + TEAM_RING)
+                or (have < ARENAS + TEAM_RING and any(not f for _, f in state.left))
                 or now >= deadline
                 or words > ARENA_WORDS  # a busy arena of the usual size would not do
             ):
@@ -247,44 +246,58 @@ def release(pool: Pool, a: Arena, busy: bool = True) -> None:
         state.cond.notify()
 
 
-def release_when_left(pool: Pool, a: Arena) -> None:
-    """Give the arena back once every driver of its job has left (a team's thread that
-    woke after the others had done every chunk still reads it): now, or when a job next
-    looks for an arena."""
-    if D.status(a.words) & D.ALL_LEFT:
-        release(pool, a)
-        return
+def release_when_left(pool: Pool, a: Arena, futures: Sequence[Any] = ()) -> None:
+    """Give the arena back once every driver of its job has left: now, when its last
+    pool task's future resolves (``_count_out``), or when a job next looks for an arena
+    (team threads tell no one when they leave). A driver task or team thread that
+    woke after the others had done every chunk still reads it, and one that has not
+    started yet will. ``futures``: the job's pool tasks (a task whose future resolved
+    is done with the arena, even if it never counted itself out: its worker died)."""
     with pool._lock:
         state: _Arenas = pool.__dict__["_arenas"]
-        state.left.append(a)
+        # Checked under the lock: a last task's callback that counts the job out now
+        # either ran before this (all left: release it here) or finds it in ``left``.
+        if D.status(a.words) & D.ALL_LEFT:
+            state.free.append(a)
+            state.busy -= 1
+            state.cond.notify()
+        else:
+            state.left.append((a, futures))
 
 
-def release_after(pool: Pool, a: Arena, futures: list[Any]) -> None:
-    """Give the arena back once every one of ``futures`` has resolved: a task whose
-    driver already left may still be resolving its future, and its callback writes this
-    arena's exit words."""
-    pending = [f for f in futures if not f.done()]
-    if not pending:
-        release(pool, a)
-        return
-    left = [len(pending)]
-    lock = threading.Lock()
-
-    def one_done(_: Any) -> None:
-        with lock:
-            left[0] -= 1
-            last = left[0] == 0
-        if last:
-            release(pool, a)
-
-    for f in pending:
-        f.add_done_callback(one_done)
+def _count_out(state: _Arenas, ctrl: np.ndarray, t: int, attempt: int, future: Any) -> None:
+    """A driver task's future resolved: count the task out if it did not count itself
+    (its worker died, or it failed before its driver ran), and so wake a caller
+    waiting for every task to leave. Its job may have returned, and the arena have
+    gone to another job, since: then this does nothing (``left_if``). If it was the
+    last of a returned job's tasks, the arena is free: hand it to a job waiting for
+    one."""
+    D.left_if(ctrl, t, attempt)
+    if state.left and D.status(ctrl) & D.ALL_LEFT:
+        # Its job returned before its last task left: the arena waits in ``left``, and
+        # this is the first moment the pool knows it is free. (The job may be putting it
+        # there just now: then it finds it free itself, or the next job does.)
+        with state.cond:
+            freed = _free_left(state)
+            if freed:
+                state.cond.notify(freed)
 
 
-def _count_out(ctrl: np.ndarray, t: int, future: Any) -> None:
-    """A driver task's future resolved: count the task out if its driver did not (it
-    died, failed before its loop, or found the job done); see ``_drivers.left``."""
-    D.left(ctrl, t)
+_attempts = itertools.count(1)  # J_ATTEMPT: unique across this process's jobs
+
+
+def _free_left(state: _Arenas) -> int:
+    """Move the arenas whose drivers have all left (or whose tasks have all resolved)
+    to the free list; return how many. Under the pool lock."""
+    freed = 0
+    for entry in list(state.left):
+        a, futures = entry
+        if D.status(a.words) & D.ALL_LEFT or (futures and all(f.done() for f in futures)):
+            state.left.remove(entry)
+            state.free.append(a)
+            state.busy -= 1
+            freed += 1
+    return freed
 
 
 # --- waiting -------------------------------------------------------------------------------
@@ -403,6 +416,7 @@ def run_job(
             if any(np.may_share_memory(out_arr, a) for a in arrays):
                 out_sa.array[...] = out_arr
     job_arena = arena(pool, D.ctrl_words(nchunks))
+    arenas: _Arenas = pool.__dict__["_arenas"]
     every_future: list[Any] = []  # of every attempt: the arena is ours until all resolve
     team = None if process else team_for(pool)
     teamed = False  # an attempt ran on the team: the arena is ours until all drivers left
@@ -415,7 +429,8 @@ def run_job(
         while True:
             nwork = order.shape[0] if order.shape[0] else nchunks
             ntasks = helpers(prep, pool, min(n, nwork * chunk), nwork)
-            D.begin_attempt(ctrl, nwork, ntasks)
+            attempt = next(_attempts)
+            D.begin_attempt(ctrl, nwork, ntasks, attempt)
             started = time.perf_counter_ns()
             if process:
                 assert prep.ref is not None and job_arena.shared is not None and out_sa is not None
@@ -433,10 +448,13 @@ def run_job(
                     keep=not one_shot,
                 )
                 packed = pack(job)
-                futures = [pool._submit_spread(run_task, packed, t) for t in range(ntasks)]
+                futures = [
+                    pool._submit_spread(run_task, packed, t, payload=packed.call(t))
+                    for t in range(ntasks)
+                ]
                 every_future += futures
                 for t, f in enumerate(futures):
-                    f.add_done_callback(functools.partial(_count_out, ctrl, t))
+                    f.add_done_callback(functools.partial(_count_out, arenas, ctrl, t, attempt))
             else:
                 # The caller runs driver 0 itself (it would only wait otherwise): a
                 # one-chunk job never touches the pool, and no task pays a wake-up.
@@ -459,7 +477,7 @@ def run_job(
                     ]
                     every_future += futures
                     for t, f in enumerate(futures, start=1):
-                        f.add_done_callback(functools.partial(_count_out, ctrl, t))
+                        f.add_done_callback(functools.partial(_count_out, arenas, ctrl, t, attempt))
                 try:
                     drive(p, prep.name, ctrl, 0, *rest)
                 except BaseException:
@@ -473,7 +491,7 @@ def run_job(
                     raise
             # The driver that writes the last chunk wakes us: the output is complete.
             # Tasks that have not started yet (a worker slow to wake) will find nothing
-            # to claim and leave; the arena stays theirs until they have (release_after).
+            # to claim and leave; the arena stays theirs until they have (release_when_left).
             # Spin first, unless that takes a core from a worker: on processes the
             # caller is one more runnable thread, and a worker queued behind its spin
             # on a core would start late while the other workers take its share.
@@ -493,9 +511,14 @@ def run_job(
                 # wait and 100-160 us without; the collector's work overlaps the
                 # caller's next call instead of adding to this one).
                 break
-            # Something failed: wait for every task to leave and see what went wrong.
-            wait_bell(ctrl, _all_left, deadline, bar)
+            # Something failed: wait for every task to leave and see what went wrong. A
+            # task whose future has resolved is done with the arena, whether or not it
+            # counted itself out (its worker died, or it failed before its driver ran):
+            # count it out, then wait for the caller's and the team's drivers.
             errors = wait_all(futures, deadline, ctrl, None)
+            for t in range(ntasks - len(futures), ntasks):
+                D.left(ctrl, t)
+            wait_bell(ctrl, _all_left, deadline, bar)
             failed = team.take_error(ctrl) if team is not None else None
             if failed is not None:
                 errors.append(kernel_error(prep.name, failed[0], failed[2], chunk, n))
@@ -547,15 +570,11 @@ def run_job(
     finally:
         if bar is not None:
             bar.close()
-        # A task whose driver already left may still be resolving its future; its
-        # callback writes this arena's exit words, so the arena goes back to the pool
-        # only when every future of this job has resolved (or, on the team, when every
-        # driver has left).
+        # Tasks that have not started yet (a worker slow to wake) will find nothing to
+        # claim and leave: the arena goes back to the pool once every driver has left.
         if teamed and team is not None:
             team.take_error(ctrl)  # (a failure the caller did not get to look at)
-            release_when_left(pool, job_arena)
-        else:
-            release_after(pool, job_arena, every_future)
+        release_when_left(pool, job_arena, every_future)
         if order_sa is not None:
             order_sa.unlink()
             order_sa.close()

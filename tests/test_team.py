@@ -32,9 +32,11 @@ WAIT = 30.0
 
 @pytest.fixture
 def every_driver(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Every job gets every driver the pool has (on the team: unless the job is shorter
-    than the time its threads take to start, when the caller does it alone)."""
+    """Every job gets every driver the pool has, however short the job and however late
+    the team's threads have lately started (on a loaded machine a 20,000-element job
+    can be shorter than that, and the caller would do it alone)."""
     monkeypatch.setattr(_runner, "HELP_FACTOR", 1e-12)
+    monkeypatch.setattr(_runner, "team_drivers", lambda work_ns, late_ns: 1 << 20)
 
 
 @pytest.fixture
@@ -145,7 +147,7 @@ def test_a_kernel_error_on_a_team_thread_is_kept_for_the_job() -> None:
     try:
         ctrl = np.zeros(D.ctrl_words(10), np.int64)
         D.reset(ctrl, 10)
-        D.begin_attempt(ctrl, 10, 2)
+        D.begin_attempt(ctrl, 10, 2, 1)
         rt = kernel_rt("map", K.fails_on_negative, (x,), out)
         p = plan("map", K.fails_on_negative, rt, ctrl, NO_ORDER, (x,), out)
         sig = team.signature(p, "map", (x,), out)
@@ -255,7 +257,7 @@ def test_a_job_does_not_wait_for_arenas_only_a_lagging_team_thread_holds(
         held = [_runner.arena(pool, _runner.ARENA_WORDS) for _ in range(_runner.ARENAS)]
         for a in held:  # each a job whose team driver has not left yet
             D.reset(a.words, 1)
-            D.begin_attempt(a.words, 1, 2)
+            D.begin_attempt(a.words, 1, 2, 1)
             D.left(a.words, 0)
             _runner.release_when_left(pool, a)
         assert len(state.left) == _runner.ARENAS
@@ -268,3 +270,13 @@ def test_a_job_does_not_wait_for_arenas_only_a_lagging_team_thread_holds(
         again = _runner.arena(pool, _runner.ARENA_WORDS)
         assert not state.left and len(state.free) == _runner.ARENAS
         _runner.release(pool, again)
+
+
+def test_team_helper_count_pays_for_itself() -> None:
+    # k drivers finish work W, of which the caller does the first `late` alone, in about
+    # late + (W - late) / k; the k-th driver saves (W - late) / (k (k - 1)), and it must
+    # save HELP_FACTOR times what handing it the job costs the caller.
+    f = _runner.team_drivers
+    assert f(10_000, 50_000) == 1  # shorter than the threads take to start: alone
+    assert f(1e6, 0) == 16  # 1e6 / (16 * 15) >= 4 * 1000 > 1e6 / (17 * 16)
+    assert f(1e6, 5e5) < f(1e6, 0) and f(1e8, 0) > f(1e6, 0)

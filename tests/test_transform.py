@@ -608,7 +608,7 @@ def test_drivers_claim_their_own_block_first_then_help_the_others() -> None:
 
     ctrl = np.zeros(D.ctrl_words(10), np.int64)
     D.reset(ctrl, 10)
-    D.begin_attempt(ctrl, 10, 3)  # blocks [0, 3), [3, 6), [6, 10)
+    D.begin_attempt(ctrl, 10, 3, 1)  # blocks [0, 3), [3, 6), [6, 10)
     got, emptied = [], 0
     while True:
         j, emptied = D.claim(ctrl, 1, emptied, 10)
@@ -627,7 +627,7 @@ def test_interleaved_claims_take_every_chunk_exactly_once() -> None:
     for nwork, ntasks in [(1, 1), (5, 3), (3, 5), (100, 7), (4096, 16)]:
         ctrl = np.zeros(D.ctrl_words(nwork), np.int64)
         D.reset(ctrl, nwork)
-        D.begin_attempt(ctrl, nwork, ntasks)
+        D.begin_attempt(ctrl, nwork, ntasks, 1)
         emptied = [0] * ntasks
         live = list(range(ntasks))
         got = []
@@ -647,7 +647,7 @@ def test_a_stopped_job_has_nothing_to_claim() -> None:
 
     ctrl = np.zeros(D.ctrl_words(8), np.int64)
     D.reset(ctrl, 8)
-    D.begin_attempt(ctrl, 8, 2)
+    D.begin_attempt(ctrl, 8, 2, 1)
     assert D.claim(ctrl, 0, 0, 8)[0] == 0 and not D.exhausted(ctrl, 8)
     ctrl[D.J_CLAIM] = D.STOP
     assert D.claim(ctrl, 1, 0, 8)[0] == -1 and D.exhausted(ctrl, 8)
@@ -669,9 +669,52 @@ def test_a_late_process_task_leaves_without_attaching() -> None:
         ref = kernel_ref(K.affine)
         job = pack(Job("map", ref, ctrl.handle, None, (handle,), handle, 4, 1, 4, 0, True))
         assert pool.submit(run_task, job, 0).result(timeout=60) == 0
+        # However a task ends, it counts itself out (the caller reuses the arena then).
+        assert ctrl.array[D.J_EXIT] == 1 and ctrl.array[D.J_EXITED] == 1
         ctrl.array[D.J_BLOCK] = 3  # one chunk left: now it must attach, and cannot
+        ctrl.array[D.J_EXIT] = ctrl.array[D.J_EXITED] = 0
         with pytest.raises(FileNotFoundError):
             pool.submit(run_task, job, 0).result(timeout=60)
+        assert ctrl.array[D.J_EXIT] == 1 and ctrl.array[D.J_EXITED] == 1
+
+
+def test_a_late_future_counts_its_task_out_only_of_its_own_attempt() -> None:
+    # A driver task's future can resolve after its job returned and the arena went to
+    # another job: counting the task out then would count out the new job's task of the
+    # same number, and free the arena under it.
+    from shmcompute import _drivers as D
+
+    ctrl = np.zeros(D.ctrl_words(4), np.int64)
+    D.reset(ctrl, 4)
+    D.begin_attempt(ctrl, 4, 2, 8)  # the arena's new job (attempt 8)
+    D.left_if(ctrl, 1, 7)  # the old job's task 1, late
+    assert ctrl[D.J_EXITED] == 0 and ctrl[D.J_EXIT + 1] == 0
+    D.left_if(ctrl, 1, 8)
+    assert ctrl[D.J_EXITED] == 1 and ctrl[D.J_EXIT + 1] == 1
+    D.left_if(ctrl, 1, 8)  # once only
+    assert ctrl[D.J_EXITED] == 1
+
+
+def test_every_arena_comes_back_after_back_to_back_jobs(pool: Pool) -> None:
+    # Arenas go back once every driver has left (process tasks count themselves out;
+    # nothing else tells the pool): after 200 jobs and a quiet moment, every arena the
+    # pool has is free again.
+    from shmcompute import _runner
+
+    x = np.arange(20_000.0)
+    out = np.empty_like(x)
+    for i in range(200):
+        transform(K.affine, x, out=out, pool=pool, chunk_size=1000 if i % 2 else None)
+    np.testing.assert_allclose(out, _affine_ref(x))
+    state = pool.__dict__["_arenas"]
+    deadline = time.monotonic() + 30
+    while True:
+        a = _runner.arena(pool, _runner.ARENA_WORDS)  # (it collects the ones left)
+        _runner.release(pool, a)
+        if not state.left or time.monotonic() > deadline:
+            break
+        pool.submit(T.ident, 0).result(timeout=30)  # let the stragglers finish
+    assert not state.left and state.busy == 0
 
 
 def test_a_process_task_that_loses_the_race_to_the_last_chunk_leaves_quietly(
@@ -793,6 +836,28 @@ def test_crash_reruns_only_the_lost_chunks() -> None:
         latch.array[:] = 0
         with pytest.raises(WorkerCrashedError, match=r"chunks \[12\] were lost"):
             transform(K.dies_once_on_marker, sx, latch, pool=pool, chunk_size=1000, retries=0)
+
+
+@pytest.mark.crash
+def test_a_pool_that_retries_tasks_leaves_lost_chunks_to_the_transform() -> None:
+    # A pool's own retries re-run a crashed task from the start. A driver task re-run
+    # that way finds the chunk its first run was writing claimed and leaves it unwritten
+    # (the job then failed with "no error reported"): driver tasks are never retried by
+    # the pool; the transform re-runs the lost chunks itself.
+    x = np.arange(20_000, dtype=np.float64)
+    x[12_345] = -1.0
+    with (
+        Pool(2, backend="process", retries=2) as pool,
+        shc.from_numpy(x) as sx,
+        shc.zeros(x.shape[0], np.int64) as latch,
+    ):
+        out = transform(K.dies_once_on_marker, sx, latch, pool=pool, chunk_size=1000)
+        try:
+            np.testing.assert_allclose(out.array, 2.0 * x)
+            assert pool.stats.crashed == 1
+        finally:
+            out.unlink()
+            out.close()
 
 
 # --- kernels without an importable name --------------------------------------------------------

@@ -284,6 +284,7 @@ class ProcessPool(Supervision):
         timeout: float | None,
         retries: int,
         spread: bool = False,
+        payload: bytes | None = None,
     ) -> Any:
         # A burst: every worker's ring is full. This thread collects results itself
         # (leaving _collecting), so rings refill at once, and while it submits, workers
@@ -293,7 +294,7 @@ class ProcessPool(Supervision):
         if self._state != RUNNING:
             raise RuntimeError("cannot schedule new futures after shutdown")
         with self._collecting():
-            return super()._submit(fn, args, kwargs, timeout, retries, spread)
+            return super()._submit(fn, args, kwargs, timeout, retries, spread, payload)
 
     def _enqueue(self, task: _Task, prepared: tuple[bytes, SharedArray | None]) -> None:
         if not self._procs:
