@@ -7,6 +7,7 @@ kernel errors that name the chunk; a worker crash that re-runs only the lost chu
 
 from __future__ import annotations
 
+import gc
 import operator
 import os
 import subprocess
@@ -676,6 +677,31 @@ def test_a_late_process_task_leaves_without_attaching() -> None:
         with pytest.raises(FileNotFoundError):
             pool.submit(run_task, job, 0).result(timeout=60)
         assert ctrl.array[D.J_EXIT] == 1 and ctrl.array[D.J_EXITED] == 1
+
+
+def test_an_arena_recalls_a_job_only_for_the_same_array_objects() -> None:
+    from shmcompute._jobs import PackedJob
+    from shmcompute._runner import Arena
+
+    a = Arena(process=False, words=64)
+    x, y = shc.zeros(4, np.float64), shc.zeros(4, np.float64)
+    packed = PackedJob.__new__(PackedJob)  # (the arena only hands it back)
+    key = ("map", None, *map(id, (None, x, y)))
+    a.remember(key, (None, x, y), packed)
+    assert a.recall(key, (None, x, y)) is packed
+    y2 = shc.zeros(4, np.float64)
+    assert a.recall(key, (None, x, y2)) is None  # another object: a miss (and forgotten)
+    assert a.recall(key, (None, x, y)) is None
+    a.remember(key, (None, x, y), packed)
+    for sa in (x, y, y2):
+        sa.unlink()
+        sa.close()
+    del x, y, sa
+    gc.collect()
+    z = shc.zeros(4, np.float64)  # (may reuse a freed object's address: the key's id)
+    assert a.recall(key, (None, z, z)) is None
+    z.unlink()
+    z.close()
 
 
 def test_a_late_future_counts_its_task_out_only_of_its_own_attempt() -> None:
