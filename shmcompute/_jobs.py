@@ -329,7 +329,7 @@ def run_task(packed: PackedJob, t: int) -> int:
     compiled driver. However it ends, the task counts itself out of the job's arena
     before it returns (the driver on its way out, or ``leave_if_exhausted``, or the
     handler below): the caller reuses the arena once every task has
-    (``_runner.release_when_left``)."""
+    (``_arenas.release_when_left``)."""
     job = packed.job
     _sweep()
     ready = packed.ready

@@ -18,8 +18,8 @@ from typing import Any
 import numpy as np
 import pytest
 
+from shmcompute import _arenas, _runner
 from shmcompute import _drivers as D
-from shmcompute import _runner
 from shmcompute import _team as TM
 from shmcompute._jobs import NO_ORDER, kernel_rt, plan
 from shmcompute.errors import TransformError
@@ -250,26 +250,26 @@ def test_a_job_does_not_wait_for_arenas_only_a_lagging_team_thread_holds(
     # lags (its core taken by another program) holds its arenas a while. Nothing wakes a
     # caller waiting for one, so the next job must make another arena rather than wait
     # (seen: one 50 ms stall in every 20 back-to-back calls on a busy 2-core machine).
-    monkeypatch.setattr(_runner, "ARENA_WAIT", 10.0)  # what a wait would cost here
+    monkeypatch.setattr(_arenas, "ARENA_WAIT", 10.0)  # what a wait would cost here
     with Pool(2, backend="thread") as pool:
         transform(K.affine, X, pool=pool, chunk_size=500).unlink()
         state = pool.__dict__["_arenas"]
-        held = [_runner.arena(pool, _runner.ARENA_WORDS) for _ in range(_runner.ARENAS)]
+        held = [_arenas.arena(pool, _arenas.ARENA_WORDS) for _ in range(_arenas.ARENAS)]
         for a in held:  # each a job whose team driver has not left yet
             D.reset(a.words, 1)
             D.begin_attempt(a.words, 1, 2, 1)
             D.left(a.words, 0)
-            _runner.release_when_left(pool, a)
-        assert len(state.left) == _runner.ARENAS
+            _arenas.release_when_left(pool, a)
+        assert len(state.left) == _arenas.ARENAS
         t0 = time.monotonic()
-        extra = _runner.arena(pool, _runner.ARENA_WORDS)
+        extra = _arenas.arena(pool, _arenas.ARENA_WORDS)
         assert time.monotonic() - t0 < 1.0, "waited for an arena a lagging thread holds"
-        _runner.release(pool, extra)
+        _arenas.release(pool, extra)
         for a in held:  # the lagging drivers leave: their arenas come back
             D.left(a.words, 1)
-        again = _runner.arena(pool, _runner.ARENA_WORDS)
-        assert not state.left and len(state.free) == _runner.ARENAS
-        _runner.release(pool, again)
+        again = _arenas.arena(pool, _arenas.ARENA_WORDS)
+        assert not state.left and len(state.free) == _arenas.ARENAS
+        _arenas.release(pool, again)
 
 
 def test_team_helper_count_pays_for_itself() -> None:

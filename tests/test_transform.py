@@ -24,7 +24,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import shmcompute as shc
-from shmcompute._runner import ARENAS
+from shmcompute._arenas import ARENAS
 from shmcompute.errors import (
     ArgumentError,
     ArgumentTypeError,
@@ -680,8 +680,8 @@ def test_a_late_process_task_leaves_without_attaching() -> None:
 
 
 def test_an_arena_recalls_a_job_only_for_the_same_array_objects() -> None:
+    from shmcompute._arenas import Arena
     from shmcompute._jobs import PackedJob
-    from shmcompute._runner import Arena
 
     a = Arena(process=False, words=64)
     x, y = shc.zeros(4, np.float64), shc.zeros(4, np.float64)
@@ -725,7 +725,7 @@ def test_every_arena_comes_back_after_back_to_back_jobs(pool: Pool) -> None:
     # Arenas go back once every driver has left (process tasks count themselves out;
     # nothing else tells the pool): after 200 jobs and a quiet moment, every arena the
     # pool has is free again.
-    from shmcompute import _runner
+    from shmcompute import _arenas
 
     x = np.arange(20_000.0)
     out = np.empty_like(x)
@@ -735,8 +735,8 @@ def test_every_arena_comes_back_after_back_to_back_jobs(pool: Pool) -> None:
     state = pool.__dict__["_arenas"]
     deadline = time.monotonic() + 30
     while True:
-        a = _runner.arena(pool, _runner.ARENA_WORDS)  # (it collects the ones left)
-        _runner.release(pool, a)
+        a = _arenas.arena(pool, _arenas.ARENA_WORDS)  # (it collects the ones left)
+        _arenas.release(pool, a)
         if not state.left or time.monotonic() > deadline:
             break
         pool.submit(T.ident, 0).result(timeout=30)  # let the stragglers finish
