@@ -347,7 +347,11 @@ def run_job(
                 try:
                     drive(p, prep.name, ctrl, 0, *rest)
                 except BaseException:
-                    # Stopped by the STOP flag (or done): wait for the others to leave.
+                    # A kernel error (the STOP flag is set) or Ctrl-C: stop the others
+                    # too, and wait for them to leave. (Ctrl-C can land before this
+                    # driver's loop ran, so count it out here, or the wait never ends.)
+                    at.store(ctrl, D.J_CLAIM, D.STOP)
+                    D.left(ctrl, 0)
                     if on_team:
                         wait_bell(ctrl, _all_left, deadline, None)
                     for f in futures:
@@ -433,6 +437,12 @@ def run_job(
         if bar is not None:
             bar.update_to(nchunks)
         return list(out_arr) if kind == "reduce" else None
+    except BaseException:
+        # The job fails (Ctrl-C in the caller's wait, a timeout, an error): its output is
+        # not returned, so stop every driver now rather than let them finish it unseen
+        # (worker processes ignore SIGINT). Before the arena can go to another job.
+        at.store(ctrl, D.J_CLAIM, D.STOP)
+        raise
     finally:
         if bar is not None:
             bar.close()

@@ -842,6 +842,52 @@ def test_workers_map_a_cached_array_up_front() -> None:
         assert faults < 100, faults  # without it: one per page, 8,192
 
 
+def test_an_interrupted_job_stops_its_drivers(pool: Pool, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Ctrl-C in the caller (here: in its wait, or as its own driver returns) fails the
+    # job; the other drivers must stop claiming chunks rather than finish the job
+    # unseen (process workers ignore SIGINT). 256 chunks of ~2 ms: stopped at once,
+    # each driver writes a chunk or two; left alone, they would write all of them.
+    from shmcompute import _arenas, _runner
+
+    def interrupted(*args: Any, **kwargs: Any) -> Any:
+        raise KeyboardInterrupt
+
+    if pool.backend == "process":
+        monkeypatch.setattr(_runner, "wait_bell", interrupted)
+    else:
+        real = _runner.drive
+        monkeypatch.setattr(
+            _runner,
+            "drive",
+            lambda p, name, ctrl, t, *rest: (
+                interrupted() if t == 0 else real(p, name, ctrl, t, *rest)
+            ),
+        )
+    # (SharedArrays: with NumPy arrays a process job writes a temporary copy, which a
+    # failed job never copies back.)
+    x = shc.from_numpy(np.linspace(0.0, 1.0, 512_000))
+    out_sa = shc.from_numpy(np.full(512_000, np.nan))
+    out = out_sa.array
+    with pytest.raises(KeyboardInterrupt):
+        transform(K.cpu_heavy, x, out=out_sa, pool=pool, chunk_size=2000)
+    monkeypatch.undo()
+    state = pool.__dict__["_arenas"]
+    deadline = time.monotonic() + 30
+    while True:  # until the job's drivers have left
+        a = _arenas.arena(pool, _arenas.ARENA_WORDS)
+        _arenas.release(pool, a)
+        if not state.left or time.monotonic() > deadline:
+            break
+        pool.submit(T.ident, 0).result(timeout=30)
+    assert not state.left
+    written = np.count_nonzero(~np.isnan(out)) // 2000
+    del out
+    for sa in (x, out_sa):
+        sa.unlink()
+        sa.close()
+    assert written < 256 // 4, f"{written} of 256 chunks written after the interrupt"
+
+
 # --- a worker crash mid-job --------------------------------------------------------------------
 @pytest.mark.crash
 def test_crash_reruns_only_the_lost_chunks() -> None:
