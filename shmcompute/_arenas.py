@@ -152,9 +152,7 @@ def release_when_left(pool: Pool, a: Arena, futures: Sequence[Any] = ()) -> None
         # Checked under the lock: a last task's callback that counts the job out now
         # either ran before this (all left: release it here) or finds it in ``left``.
         if D.status(a.words) & D.ALL_LEFT:
-            state.free.append(a)
-            state.busy -= 1
-            state.cond.notify()
+            release(pool, a)  # (the lock is re-entrant)
         else:
             state.left.append((a, futures))
 

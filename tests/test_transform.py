@@ -721,25 +721,32 @@ def test_a_late_future_counts_its_task_out_only_of_its_own_attempt() -> None:
     assert ctrl[D.J_EXITED] == 1
 
 
+def _arenas_after_drivers_left(pool: Pool, timeout: float = 30.0) -> Any:
+    """The pool's arenas once the drivers of its past jobs have left (or ``timeout``
+    passed): a job looking for an arena collects the ones left behind, and a round trip
+    through the pool lets straggling tasks finish."""
+    from shmcompute import _arenas
+
+    state = pool.__dict__["_arenas"]
+    deadline = time.monotonic() + timeout
+    while True:
+        _arenas.release(pool, _arenas.arena(pool, _arenas.ARENA_WORDS))
+        if not state.left or time.monotonic() > deadline:
+            return state
+        pool.submit(T.ident, 0).result(timeout=timeout)
+
+
 def test_every_arena_comes_back_after_back_to_back_jobs(pool: Pool) -> None:
     # Arenas go back once every driver has left (process tasks count themselves out;
     # nothing else tells the pool): after 200 jobs and a quiet moment, every arena the
     # pool has is free again.
-    from shmcompute import _arenas
 
     x = np.arange(20_000.0)
     out = np.empty_like(x)
     for i in range(200):
         transform(K.affine, x, out=out, pool=pool, chunk_size=1000 if i % 2 else None)
     np.testing.assert_allclose(out, _affine_ref(x))
-    state = pool.__dict__["_arenas"]
-    deadline = time.monotonic() + 30
-    while True:
-        a = _arenas.arena(pool, _arenas.ARENA_WORDS)  # (it collects the ones left)
-        _arenas.release(pool, a)
-        if not state.left or time.monotonic() > deadline:
-            break
-        pool.submit(T.ident, 0).result(timeout=30)  # let the stragglers finish
+    state = _arenas_after_drivers_left(pool)
     assert not state.left and state.busy == 0
 
 
@@ -847,7 +854,7 @@ def test_an_interrupted_job_stops_its_drivers(pool: Pool, monkeypatch: pytest.Mo
     # job; the other drivers must stop claiming chunks rather than finish the job
     # unseen (process workers ignore SIGINT). 256 chunks of ~2 ms: stopped at once,
     # each driver writes a chunk or two; left alone, they would write all of them.
-    from shmcompute import _arenas, _runner
+    from shmcompute import _runner
 
     def interrupted(*args: Any, **kwargs: Any) -> Any:
         raise KeyboardInterrupt
@@ -871,15 +878,7 @@ def test_an_interrupted_job_stops_its_drivers(pool: Pool, monkeypatch: pytest.Mo
     with pytest.raises(KeyboardInterrupt):
         transform(K.cpu_heavy, x, out=out_sa, pool=pool, chunk_size=2000)
     monkeypatch.undo()
-    state = pool.__dict__["_arenas"]
-    deadline = time.monotonic() + 30
-    while True:  # until the job's drivers have left
-        a = _arenas.arena(pool, _arenas.ARENA_WORDS)
-        _arenas.release(pool, a)
-        if not state.left or time.monotonic() > deadline:
-            break
-        pool.submit(T.ident, 0).result(timeout=30)
-    assert not state.left
+    assert not _arenas_after_drivers_left(pool).left
     written = np.count_nonzero(~np.isnan(out)) // 2000
     del out
     for sa in (x, out_sa):
