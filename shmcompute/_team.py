@@ -152,17 +152,16 @@ def _next(words, me, sig, spin_ns, take):  # type: ignore[no-untyped-def]
         return addr, n
 
 
-@njit(nogil=True, cache=True, inline="always")
+@njit(nogil=True, cache=True)
 def _done(words, me):  # type: ignore[no-untyped-def]
     rec = HEADER + me * REC
     words[rec + R_CUR] = 0
     words[rec + R_RUNS] += 1
 
 
-_jit = {key: njit(nogil=True, cache=True)(fn) for key, fn in D.PY_DRIVERS.items()}
-_map1, _map2, _map3 = _jit["map", 1], _jit["map", 2], _jit["map", 3]
-_halo1, _halo2 = _jit["halo", 1], _jit["halo", 2]
-_reduce1, _reduce2, _reduce3 = _jit["reduce", 1], _jit["reduce", 2], _jit["reduce", 3]
+_map1, _map2, _map3 = D.DRIVERS["map", 1], D.DRIVERS["map", 2], D.DRIVERS["map", 3]
+_halo1, _halo2 = D.DRIVERS["halo", 1], D.DRIVERS["halo", 2]
+_reduce1, _reduce2, _reduce3 = (D.DRIVERS["reduce", k] for k in (1, 2, 3))
 A0, A1, A2, A3 = (D.J_ARR + D.ARR_STRIDE * i for i in range(4))
 N_, CH, NC, OV, KA = (D.J_DESC + d for d in (D_N, D_CHUNK, D_NCHUNKS, D_OVERLAP, D_KADDR))
 
