@@ -70,13 +70,15 @@ Modes, kept side by side for comparison (identical results):
 Kernels travel to process workers by reference (module and name) and load from Numba's
 disk cache (``cache=True``); a kernel defined in a notebook or ``python -c`` has no
 importable name and is shipped by value, so each worker process compiles it on its first
-job (~0.1-0.5 s once per worker).
+job (~0.1-0.5 s once per worker). The caller compiles the kernel and the driver for the
+workers' array types before any worker needs them (``_compile_for_workers``).
 """
 
 from __future__ import annotations
 
 import atexit
 import functools
+import logging
 import math
 import sys
 import threading
@@ -85,6 +87,8 @@ from types import ModuleType
 from typing import Any
 
 import numpy as np
+from numba import types
+from numba.np.numpy_support import as_dtype
 
 from . import _drivers as D
 from ._jobs import (
@@ -105,6 +109,8 @@ from .modes import MODES, run_copy, take_ownership
 from .pool import Pool, pool_size
 
 __all__ = ["default_pool", "reduce", "transform"]
+
+log = logging.getLogger("shmcompute")
 
 
 def _load_fingerprint() -> Callable[[Any], Any]:
@@ -466,7 +472,9 @@ def _prepare(
         return hit
     rt = kernel_rt(kind, kernel, arrays, out_arr)
     p = None
-    if not process and kind != "reduce":  # (reduce: the partials' type comes per call)
+    if process:
+        _compile_for_workers(kind, kernel, rt, arrays, out_arr)
+    elif kind != "reduce":  # (reduce: the partials' type comes per call)
         p = plan(kind, kernel, rt, _CTRL_LIKE, NO_ORDER, tuple(arrays), out_arr)
     prep = Prepared(kernel_name(kernel), rt, p, kernel_ref(kernel) if process else None)
     if key is not None:
@@ -474,6 +482,33 @@ def _prepare(
             evict_oldest(_prepared)
         _prepared[key] = prep
     return prep
+
+
+def _worker_like(dtype: Any, shape: tuple[int, ...]) -> np.ndarray:
+    """An empty array of the type a process worker's view of a segment has: this
+    dtype and number of dimensions, C-contiguous, writable."""
+    return np.empty((0, *shape[1:]), dtype)
+
+
+def _compile_for_workers(
+    kind: str, kernel: Any, rt: Any, arrays: list[np.ndarray], out_arr: Any
+) -> None:
+    """Compile (and so cache on disk) the driver for the types the process workers will
+    see, here, once: otherwise every worker compiles it on its first job of these types,
+    all at once, and they race to write Numba's cache (such races have crashed, numba
+    issues 4807 and 10128). Workers then load it from the cache. Best effort: a type
+    not foreseen here leaves the compile to the workers, as before."""
+    try:
+        ins = tuple(_worker_like(a.dtype, a.shape) for a in arrays)
+        if kind == "reduce":  # the partials: one row per chunk, of the kernel's result
+            part = rt.dtype if isinstance(rt, types.Array) else rt
+            shape = (0, *((0,) * rt.ndim)) if isinstance(rt, types.Array) else (0,)
+            out = np.empty(shape, as_dtype(part))
+        else:
+            out = _worker_like(out_arr.dtype, out_arr.shape)
+        plan(kind, kernel, rt, _CTRL_LIKE, NO_ORDER, ins, out)
+    except Exception as e:  # pragma: no cover - a return type NumPy cannot hold, say
+        log.debug("not compiling %s's driver ahead of the workers: %r", kernel_name(kernel), e)
 
 
 def _fold(partials: Sequence[Any], combine: Any, identity: Any) -> Any:

@@ -155,3 +155,19 @@ def dies_once_on_marker(x, latch, out):  # type: ignore[no-untyped-def]
 @njit(nogil=True, cache=True)
 def returns_nothing(x):  # type: ignore[no-untyped-def]
     x[0] = x[0]
+
+
+# Used by one test only (test_process_drivers_compile_in_the_caller): no other test
+# may make a driver plan for them.
+@njit(nogil=True, cache=True)
+def only_for_caller_compile(x, out):  # type: ignore[no-untyped-def]
+    for i in range(x.shape[0]):
+        out[i] = 3 * x[i]
+
+
+@njit(nogil=True, cache=True)
+def only_for_caller_compile_sum(x):  # type: ignore[no-untyped-def]
+    s = 0
+    for i in range(x.shape[0]):
+        s += x[i]
+    return s

@@ -164,3 +164,17 @@ def _attach(handle: SharedArrayHandle) -> np.ndarray:
     if sa is None:
         sa = _attached[handle.name] = SharedArray.attach(handle)
     return sa.array
+
+
+def driver_cache_stats() -> tuple[int, int, int]:
+    """In a process worker: its pid, how many driver signatures it loaded from Numba's
+    disk cache and how many it had to compile."""
+    from shmcompute import _drivers as D
+
+    hits = sum(len(d.stats.cache_hits) for d in D.DRIVERS.values())
+    misses = sum(len(d.stats.cache_misses) for d in D.DRIVERS.values())
+    return os.getpid(), hits, misses
+
+
+def driver_cache_stats_of(_: int) -> tuple[int, int, int]:
+    return driver_cache_stats()

@@ -931,6 +931,35 @@ def test_a_pool_that_retries_tasks_leaves_lost_chunks_to_the_transform() -> None
             out.close()
 
 
+def test_process_drivers_compile_in_the_caller() -> None:
+    # A kernel and dtype the process workers have not seen: the caller compiles the
+    # driver for the workers' array types (writing Numba's cache) before any worker
+    # needs it, rather than every worker compiling it at once on its first job and
+    # racing to write the cache. The workers load it.
+    from shmcompute import _jobs
+
+    def planned(kernel: Any) -> bool:
+        return any(key[1] == id(kernel) for key in _jobs._plans)
+
+    x = np.arange(5000, dtype=np.int16)
+    out = np.empty_like(x)
+    with Pool(2, backend="process") as pool:
+        # (The first call of a kernel on a pool gives every worker a driver.)
+        transform(K.only_for_caller_compile, x, out=out, pool=pool, chunk_size=500)
+        np.testing.assert_array_equal(out, 3 * x)
+        total = reduce(
+            K.only_for_caller_compile_sum, x, combine=operator.add, pool=pool, chunk_size=500
+        )
+        assert total == x.astype(np.int64).sum()
+        assert planned(K.only_for_caller_compile) and planned(K.only_for_caller_compile_sum)
+        # Workers that ran a driver loaded it from the cache. (A cache warm from earlier
+        # runs would hide a worker's own compile: the caller-side check above is the
+        # one that fails without the caller's compile. A worker whose task came late
+        # for both jobs loaded nothing: it left without attaching.)
+        for _, _, misses in pool.map(T.driver_cache_stats_of, range(4), timeout=30):
+            assert misses == 0, "a worker compiled a driver itself"
+
+
 # --- kernels without an importable name --------------------------------------------------------
 def test_kernel_defined_in_main_is_shipped_by_value() -> None:
     code = textwrap.dedent(
