@@ -78,6 +78,7 @@ def warm_up() -> None:
     publish_and_park(w, 0, 1, -1, 0.0, 2, 0)
     publish_and_park(w, -1, 1, 5, 0.0, 2, 0)
     publish_task(w, 0, 0, 1)
+    ring(w, 1)
     spin_until_at_least(w, 0, 0, 0, 2)
     worker_begin(w, 0, 0, 0, 0, 1, 2, 3)
     worker_end(w, 0, False, 0, 0, 0, 1, 2, 3, 0, 1, 2)
@@ -89,6 +90,13 @@ def publish_task(words, tail_index, tail, bell_index):  # type: ignore[no-untype
     """Publish a pushed task (the ring tail), ring the worker's doorbell, wake it if it
     sleeps: one call instead of three from Python."""
     at.store(words, tail_index, tail)
+    at.add(words, bell_index, 1)
+    return at.notify(words, bell_index, 1)
+
+
+@njit(**_KEEP_GIL)
+def ring(words, bell_index):  # type: ignore[no-untyped-def]
+    """Ring a parked worker thread's doorbell and wake it if it sleeps."""
     at.add(words, bell_index, 1)
     return at.notify(words, bell_index, 1)
 

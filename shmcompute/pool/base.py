@@ -22,7 +22,7 @@ import os
 import signal
 import threading
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from concurrent.futures import Executor, Future
+from concurrent.futures import Executor, Future, InvalidStateError
 from typing import Any, ClassVar, TypeVar
 
 from ..errors import ArgumentError, ArgumentTypeError
@@ -258,7 +258,10 @@ class Pool(Executor):
         run_s: float | None = None,
     ) -> None:
         """Resolve ``task`` with a result (``ok``) or an exception (``value``)."""
-        self._finish_many([(task, ok, value, wait_s, run_s)])
+        with self._lock:
+            counted = self._count_finished_locked(task, ok, wait_s, run_s)
+        if counted:
+            _resolve(task.future, ok, value)
 
     def _finish_many(
         self, done: Sequence[tuple[_Task, bool, Any, float | None, float | None]]
@@ -266,33 +269,30 @@ class Pool(Executor):
         """Resolve tasks: ``(task, ok, value, wait_s, run_s)`` each; counters under one
         lock acquisition, futures (and so user callbacks) outside it."""
         with self._lock:
-            # A task is resolved once: a timeout and a late result can race for it.
-            done = [d for d in done if not d[0].resolved]
-            for d in done:
-                d[0].resolved = True
-            lat = self._latencies
-            for _, ok, _, wait_s, run_s in done:
-                if wait_s is not None and run_s is not None:
-                    lat.add(wait_s, run_s)
-                if ok:
-                    self._completed += 1
-                else:
-                    self._failed += 1
-            self._outstanding -= len(done)
-            if self._outstanding == 0:
-                self._drained.notify_all()
-                self._on_drained()
+            done = [d for d in done if self._count_finished_locked(d[0], d[1], d[3], d[4])]
         for task, ok, value, _, _ in done:
-            fut = task.future
-            if fut.done():  # already failed by a timeout, or cancelled
-                continue
-            try:
-                if ok:
-                    fut.set_result(value)
-                else:
-                    fut.set_exception(value)
-            except Exception:  # pragma: no cover - the future was resolved concurrently
-                pass
+            _resolve(task.future, ok, value)
+
+    def _count_finished_locked(
+        self, task: _Task, ok: bool, wait_s: float | None, run_s: float | None
+    ) -> bool:
+        """Count a finished task, under the lock; False if it was resolved already (a
+        timeout and a late result can race for it: a task is resolved once). The
+        caller resolves its future (``_resolve``) after releasing the lock."""
+        if task.resolved:
+            return False
+        task.resolved = True
+        if wait_s is not None and run_s is not None:
+            self._latencies.add(wait_s, run_s)
+        if ok:
+            self._completed += 1
+        else:
+            self._failed += 1
+        self._outstanding -= 1
+        if self._outstanding == 0:
+            self._drained.notify_all()
+            self._on_drained()
+        return True
 
     def _crashed(self, task: _Task, error: BaseException) -> bool:
         """The worker running ``task`` died. Requeue it if it has retries left (returns
@@ -518,6 +518,17 @@ class _Options:
             return _results_in_order(futures, timeout)
         batches = [self.submit(_Partial(fn), chunk) for chunk in _chunks(iterables, chunksize)]
         return _chain(_results_in_order(batches, timeout))
+
+
+def _resolve(fut: Future[Any], ok: bool, value: Any) -> None:
+    """Give a counted task's future its result (``ok``) or exception (``value``)."""
+    try:
+        if ok:
+            fut.set_result(value)
+        else:
+            fut.set_exception(value)
+    except InvalidStateError:  # already failed by a timeout, or cancelled
+        pass
 
 
 __all__ = ["Pool", "PoolStats", "TaskFuture", "WorkerHealth"]

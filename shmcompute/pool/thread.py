@@ -24,6 +24,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import _base as _fb
 from typing import Any
 
 import numpy as np
@@ -38,7 +39,7 @@ from ._task import (
     _describe,
     _Task,
 )
-from .base import CLOSED, DRAINING, RUNNING, Pool
+from .base import CLOSED, DRAINING, RUNNING, Pool, _resolve
 from .base import log as _log
 
 # Per-worker words in the pool's private int64 array (one cache line each).
@@ -222,7 +223,10 @@ class ThreadPool(Pool):
 
     def _assign_locked(self, wk: _Worker, task: _Task) -> bool:
         fut = task.future
-        if not fut.running() and not fut.set_running_or_notify_cancel():
+        # (A requeued task's future is running already. Read without the future's lock,
+        # which set_running_or_notify_cancel takes: this thread is the only one that
+        # moves a pending future of this pool to running, under the pool lock.)
+        if fut._state != _fb.RUNNING and not fut.set_running_or_notify_cancel():
             self._drop_cancelled_locked(task)
             return False
         wk.assigned += 1
@@ -243,14 +247,18 @@ class ThreadPool(Pool):
         except BaseException as e:
             value, ok = e, False
         t1 = time.monotonic_ns()
-        with self._lock:
+        with self._lock:  # (the worker's counts and the pool's, in one acquisition)
             wk.task = None
             wk.done += 1
             if not ok:
                 wk.errors += 1
+            counted = self._count_finished_locked(
+                task, ok, (t0 - task.submitted_ns) / 1e9, (t1 - t0) / 1e9
+            )
         task.args = ()
         task.kwargs = {}
-        self._finish(task, ok, value, (t0 - task.submitted_ns) / 1e9, (t1 - t0) / 1e9)
+        if counted:
+            _resolve(task.future, ok, value)
 
     def _worker_init_failed(self, wk: _Worker, error: BaseException) -> None:
         failed: list[_Task] = []
@@ -290,10 +298,6 @@ class ThreadPool(Pool):
 
     # --- submit ------------------------------------------------------------------------
     def _enqueue(self, task: _Task, prepared: Any) -> None:
-        if not self._live_locked():
-            # Every worker is gone (the initializer kept failing): try afresh.
-            for _ in range(self._max_workers):
-                self._start_worker_locked()
         while self._idle:
             wk = self._idle.pop()
             wk.idle = False
@@ -301,10 +305,13 @@ class ThreadPool(Pool):
                 continue
             if self._assign_locked(wk, task):
                 # Ring after assigning: the worker re-checks wk.task under the lock.
-                i = wk.index * TW_WORDS + TW_BELL
-                at.add(self._words, i, 1)
-                at.notify(self._words, i, 1)
+                _spin.ring(self._words, wk.index * TW_WORDS + TW_BELL)
             return
+        if not self._live_locked():
+            # Every worker is gone (the initializer kept failing): try afresh. (The new
+            # workers take the task from the queue.)
+            for _ in range(self._max_workers):
+                self._start_worker_locked()
         self._queue.append(task)
         if len(self._queue) == 1 and self._queue_warn_after is not None:
             self._poke_locked()  # a backlog starts: the supervisor schedules the check
