@@ -165,9 +165,5 @@ def only_for_caller_compile(x, out):  # type: ignore[no-untyped-def]
         out[i] = 3 * x[i]
 
 
-@njit(nogil=True, cache=True)
-def only_for_caller_compile_sum(x):  # type: ignore[no-untyped-def]
-    s = 0
-    for i in range(x.shape[0]):
-        s += x[i]
-    return s
+# (A second dispatcher of chunk_sum's function: a kernel object of its own.)
+only_for_caller_compile_sum = njit(nogil=True, cache=True)(chunk_sum.py_func)
