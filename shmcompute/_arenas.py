@@ -123,13 +123,16 @@ def arena(pool: Pool, words: int) -> Arena:
         state.busy += 1
         spares = max(0, ARENAS - state.busy - len(state.free))
     size = max(words, ARENA_WORDS)
-    made = Arena(pool.backend == "process", size)
-    pool._on_close(made.close)
     for _ in range(spares):
-        extra = Arena(pool.backend == "process", size)
-        pool._on_close(extra.close)
-        release(pool, extra, busy=False)
-    return made
+        release(pool, _new_arena(pool, size), busy=False)
+    return _new_arena(pool, size)
+
+
+def _new_arena(pool: Pool, words: int) -> Arena:
+    """A new arena of ``words``, freed when the pool closes."""
+    a = Arena(pool.backend == "process", words)
+    pool._on_close(a.close)
+    return a
 
 
 def release(pool: Pool, a: Arena, busy: bool = True) -> None:

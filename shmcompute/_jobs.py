@@ -21,7 +21,6 @@ from numba import types
 from numba.core.registry import CPUDispatcher
 
 from . import _drivers as D
-from . import _layout as L
 from . import atomics as at
 from .array import SharedArray, SharedArrayHandle
 from .errors import ArgumentError, ArgumentTypeError, TransformError
@@ -274,19 +273,18 @@ class PackedJob:
         self.job = job
         self.payload = payload if payload is not None else pickle.dumps(job, _PROTOCOL)
         self.ready: tuple[Any, ...] | None = None  # worker side, see run_task
-        self.calls: list[bytes | None] = []  # caller side, see call
+        self.calls: list[Any] = []  # caller side, see call
 
     def __reduce__(self) -> tuple[Any, ...]:
         return (_unpack, (self.payload,))
 
-    def call(self, t: int) -> bytes | None:
-        """Driver task ``t``'s call, ``run_task(self, t)``, pickled once (what a process
-        pool sends a worker); None when it is too large for a ring slot (the pool then
-        pickles it and spills it to a segment, as for any large call)."""
+    def call(self, t: int, pool: Any) -> Any:
+        """Driver task ``t``'s call, ``run_task(self, t)``, as ``pool`` sends it, made
+        once per job (``Pool._reusable``): None when the pool cannot reuse it (it then
+        prepares the call as any other)."""
         calls = self.calls
         while len(calls) <= t:
-            b = pickle.dumps((run_task, (self, len(calls)), {}), _PROTOCOL)
-            calls.append(b if len(b) <= L.SLOT_INLINE else None)
+            calls.append(pool._reusable(run_task, (self, len(calls))))
         return calls[t]
 
 

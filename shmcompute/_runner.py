@@ -315,7 +315,7 @@ def run_job(
                     if not temps and not one_shot:  # (arrays made for this call only)
                         job_arena.remember(key, sas, packed)
                 futures = [
-                    pool._submit_spread(run_task, packed, t, payload=packed.call(t))
+                    pool._submit_spread(run_task, packed, t, prepared=packed.call(t, pool))
                     for t in range(ntasks)
                 ]
                 every_future += futures

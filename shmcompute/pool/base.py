@@ -168,17 +168,18 @@ class Pool(Executor):
         return self._submit(fn, args, kwargs, self._task_timeout, self._retries)
 
     def _submit_spread(
-        self, fn: Callable[..., T], /, *args: Any, payload: bytes | None = None
+        self, fn: Callable[..., T], /, *args: Any, prepared: Any = None
     ) -> Future[T]:
         """``submit`` for a transform's driver tasks, meant to run at the same time as
         their siblings: the process backend never packs such a task onto a worker that
-        already has one, even when recent tasks were tiny. ``payload``: the call already
-        pickled (process backend; a job sends the same call again and again).
+        already has one, even when recent tasks were tiny. ``prepared``: what
+        ``_reusable`` made of this very call before (a job sends the same call again and
+        again), or None.
 
         Never retried by the pool: a driver task re-run from the start after a crash
         would find the chunk its first run was writing claimed, and leave it unwritten.
         The transform re-runs lost chunks itself (its own ``retries``)."""
-        return self._submit(fn, args, {}, self._task_timeout, 0, spread=True, payload=payload)
+        return self._submit(fn, args, {}, self._task_timeout, 0, spread=True, prepared=prepared)
 
     def options(self, *, timeout: float | None = None, retries: int | None = None) -> _Options:
         """Per-task options: ``pool.options(timeout=5, retries=2).submit(fn, x)``.
@@ -202,7 +203,7 @@ class Pool(Executor):
         timeout: float | None,
         retries: int,
         spread: bool = False,
-        payload: bytes | None = None,
+        prepared: Any = None,
     ) -> Future[T]:
         if not callable(fn):
             raise ArgumentTypeError(f"fn must be callable, got {type(fn).__name__}")
@@ -210,7 +211,8 @@ class Pool(Executor):
             raise RuntimeError("cannot schedule new futures after shutdown")
         future: TaskFuture[T] = TaskFuture(self._futures_cond)
         try:
-            prepared = self._prepare(fn, args, kwargs) if payload is None else (payload, None)
+            if prepared is None:
+                prepared = self._prepare(fn, args, kwargs)
         except _PrepareFailed as e:
             # Like ProcessPoolExecutor: an argument that cannot be sent fails its future.
             with self._lock:
@@ -446,6 +448,11 @@ class Pool(Executor):
 
     def _unprepare(self, prepared: Any) -> None:
         """Release what ``_prepare`` made, for a call that was not queued after all."""
+
+    def _reusable(self, fn: Callable[..., Any], args: tuple[Any, ...]) -> Any:
+        """What ``_prepare`` makes of ``fn(*args)``, if it can be sent again and again
+        (``_submit_spread``'s ``prepared``); None when it cannot, or need not be."""
+        return None
 
     def _enqueue(self, task: _Task, prepared: Any) -> None:  # called with the lock held
         raise NotImplementedError

@@ -270,6 +270,11 @@ class ProcessPool(Supervision):
         seg = spill(payload)
         return pickle.dumps(seg.handle, protocol=_PROTOCOL), seg
 
+    def _reusable(self, fn: Callable[..., Any], args: tuple[Any, ...]) -> tuple[bytes, None] | None:
+        # Only a call that fits a ring slot: a spilled one owns a segment, freed per task.
+        payload = pickle.dumps((fn, args, {}), protocol=_PROTOCOL)
+        return (payload, None) if len(payload) <= L.SLOT_INLINE else None
+
     def _unprepare(self, prepared: tuple[bytes, SharedArray | None]) -> None:
         seg = prepared[1]
         if seg is not None:
@@ -284,7 +289,7 @@ class ProcessPool(Supervision):
         timeout: float | None,
         retries: int,
         spread: bool = False,
-        payload: bytes | None = None,
+        prepared: Any = None,
     ) -> Any:
         # A burst: every worker's ring is full. This thread collects results itself
         # (leaving _collecting), so rings refill at once, and while it submits, workers
@@ -294,7 +299,7 @@ class ProcessPool(Supervision):
         if self._state != RUNNING:
             raise RuntimeError("cannot schedule new futures after shutdown")
         with self._collecting():
-            return super()._submit(fn, args, kwargs, timeout, retries, spread, payload)
+            return super()._submit(fn, args, kwargs, timeout, retries, spread, prepared)
 
     def _enqueue(self, task: _Task, prepared: tuple[bytes, SharedArray | None]) -> None:
         if not self._procs:
