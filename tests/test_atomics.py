@@ -142,6 +142,7 @@ def _run_processes(kind: str, ctrl: shc.SharedArray, n: int, workers: int) -> No
 
 
 N_ADDS = 1_000_000
+RACY_TRIES = 5
 
 
 @pytest.mark.stress
@@ -174,9 +175,18 @@ def test_spinlock_from_compare_exchange_loses_nothing():
 def test_racy_control_loses_updates():
     """The control for the tests above: the same work without an atomic read-modify-write
     demonstrably loses updates here, so an exact count is evidence, not luck."""
+    # Updates are lost only while both processes run at once; on a loaded machine the
+    # two can get their cores one after the other (seen once with three CPU hogs on 2
+    # cores: not one update lost). Losing updates in any of a few tries is the evidence.
+    counts = []
     with shc.zeros(H.CTRL_SLOTS, np.int64) as ctrl:
-        _run_processes("racy", ctrl, 5 * N_ADDS, 2)
-        assert ctrl.array[H.COUNTER] < 2 * 5 * N_ADDS
+        for _ in range(RACY_TRIES):
+            ctrl.array[:] = 0
+            _run_processes("racy", ctrl, 5 * N_ADDS, 2)
+            counts.append(int(ctrl.array[H.COUNTER]))
+            if counts[-1] < 2 * 5 * N_ADDS:
+                break
+    assert counts[-1] < 2 * 5 * N_ADDS, f"no update lost in {counts}"
 
 
 # --- inside compiled code -------------------------------------------------------------
