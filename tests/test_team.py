@@ -264,6 +264,9 @@ def test_a_job_does_not_wait_for_arenas_only_a_lagging_team_thread_holds(
     monkeypatch.setattr(_arenas, "ARENA_WAIT", 10.0)  # what a wait would cost here
     with Pool(2, backend="thread") as pool:
         transform(K.affine, X, pool=pool, chunk_size=500).unlink()
+        # (its arena comes back once the team's driver has left: a loaded machine can
+        # keep that thread from its core past the next lines)
+        _wait_until_the_team_ran_every_job(_team(pool))
         state = pool.__dict__["_arenas"]
         held = [_arenas.arena(pool, _arenas.ARENA_WORDS) for _ in range(_arenas.ARENAS)]
         for a in held:  # each a job whose team driver has not left yet
