@@ -48,7 +48,7 @@ from ._jobs import (
     plan,
     run_task,
 )
-from ._team import Team
+from ._team import START_NS, Team
 from .array import SharedArray
 from .errors import TransformError, WorkerCrashedError
 from .modes import Progress
@@ -118,11 +118,34 @@ def helpers(prep: Prepared, pool: Pool, rows: int, nwork: int) -> int:
         return most
     team: Team | None = pool.__dict__.get("_team")
     if team is not None:
-        return min(most, team_drivers(per_row * rows, team.start_s * 1e9))
+        return min(most, on_team(team, per_row * rows, most))
     return max(1, min(most, int(drivers_worth(per_row, pool, rows))))
 
 
 TEAM_HELPER_NS = 1_000  # what one more team driver costs the caller (publish, notify)
+EXPLORE_EVERY = 64  # see on_team
+
+
+def on_team(team: Team, work_ns: float, most: int) -> int:
+    """Drivers for ``work_ns`` of work on ``team`` (``most`` > 1). A team thread that
+    is awake (spinning for its next job a while after each one) starts a job within a
+    microsecond or so; a parked one only once the publish has woken it, tens to
+    hundreds of microseconds later. So each count is judged by the start of the
+    threads it would use: any count by the parked threads' start, a larger one by the
+    awake threads' start if that many are awake.
+
+    The two estimates move only as threads start jobs: one that came out high (a busy
+    minute) would keep the team idle and so never be measured again; one job in
+    ``EXPLORE_EVERY`` that the first guess (``START_NS``) would give a helper gets one
+    anyway, to measure again."""
+    k = team_drivers(work_ns, team.cold_start_s * 1e9)
+    if k < most:
+        awake = team_drivers(work_ns, team.start_s * 1e9)
+        if awake > k:
+            k = max(k, min(awake, 1 + team.awake(awake - 1)))
+    if k == 1 and next(team.ticks) % EXPLORE_EVERY == 0:
+        k = min(2, team_drivers(work_ns, START_NS))
+    return k
 
 
 def team_drivers(work_ns: float, late_ns: float) -> int:

@@ -32,6 +32,7 @@ job's caller and stops the job (as on pool tasks).
 
 from __future__ import annotations
 
+import itertools
 import logging
 import threading
 import time
@@ -52,13 +53,18 @@ from .pool._spin import spin_while_equal
 log = logging.getLogger("shmcompute")
 
 # Team words: a header line, then one record per thread.
-H_START_NS = 0  # running median of publish-to-start, ns (threads update it as they start)
+# Running medians of publish-to-start, ns, that threads update as they start a job: one
+# for a thread that was awake (spinning for the next job, or finishing one), one for a
+# thread that was parked (asleep on its doorbell, so the publish had to wake it).
+H_START_NS = 0
+H_COLD_NS = 1
 HEADER = 8
 R_BELL = 0  # jobs published to this thread (it waits on this word)
 R_SEEN = 1  # jobs it has taken
 R_CUR = 2  # the arena (ctrl address) of the job it is running, 0 between jobs
 R_RUNS = 3  # jobs it ran a driver for
 R_QUIT = 4  # 1: leave
+R_PARKED = 5  # 1: asleep on its doorbell (a publish must wake it), 0: awake
 R_RING = 8  # RING slots: arena address, arena words, signature, publish time (ns)
 SLOT = 4
 RING = 32
@@ -75,7 +81,7 @@ D_NCHUNKS = 6
 D_OVERLAP = 7
 
 SPIN_NS = 200_000  # a thread that ran a driver spins this long for the next job
-START_NS = 20_000  # first guess of publish-to-start
+START_NS = 20_000  # first guess of publish-to-start (awake or parked)
 
 
 def team_words(size: int) -> int:
@@ -134,6 +140,7 @@ def _next(words, me, sig, spin_ns, take):  # type: ignore[no-untyped-def]
                 spin_while_equal(words, rec + R_BELL, bell, spin)
                 spin = 0
             else:
+                at.store(words, rec + R_PARKED, 1)
                 at.wait(words, rec + R_BELL, bell, 1.0)  # (re-checks R_QUIT each second)
             continue
         slot = rec + R_RING + SLOT * (seen % RING)
@@ -146,9 +153,14 @@ def _next(words, me, sig, spin_ns, take):  # type: ignore[no-untyped-def]
         late = _now_ns(ts) - words[slot + 3]
         words[rec + R_CUR] = addr
         at.store(words, rec + R_SEEN, seen + 1)
-        # The team's running median of publish-to-start (a racy update loses a step).
-        est = words[H_START_NS]
-        words[H_START_NS] = est + est // 10 + 1 if late > est else est - est // 11
+        # The team's running median of publish-to-start, awake or parked (a racy
+        # update loses a step): the two differ by a wake-up, ~1 us against 10s-100s.
+        h = H_START_NS
+        if words[rec + R_PARKED]:
+            at.store(words, rec + R_PARKED, 0)
+            h = H_COLD_NS
+        est = words[h]
+        words[h] = est + est // 10 + 1 if late > est else est - est // 11
         return addr, n
 
 
@@ -319,7 +331,9 @@ class Team:
     def __init__(self, size: int, name: str = "shmcompute-team") -> None:
         self.size = size
         self.words = np.zeros(team_words(size), np.int64)
-        self.words[H_START_NS] = START_NS
+        self.words[H_START_NS] = self.words[H_COLD_NS] = START_NS
+        for me in range(size):
+            self.words[HEADER + me * REC + R_PARKED] = 1  # (each starts parked, see _serve)
         self.lock = threading.Lock()  # publishing (several callers may share the pool)
         # Per signature id (the driver plan's id): the loop's compiled entry point and
         # its fixed arguments; None when the team cannot run that signature.
@@ -328,6 +342,7 @@ class Team:
         self.errors: dict[int, tuple[BaseException, int, int]] = {}  # arena address ->
         self.closed = False
         self.handed = 0  # drivers handed to the threads (jobs x threads)
+        self.ticks = itertools.count()  # jobs it was considered for (_runner.on_team)
         self.threads = [
             threading.Thread(target=self._serve, args=(me,), name=f"{name}-{me}", daemon=True)
             for me in range(size)
@@ -337,8 +352,22 @@ class Team:
 
     @property
     def start_s(self) -> float:
-        """Typical seconds from publishing a job to a thread starting it."""
+        """Typical seconds from publishing a job to an awake thread starting it."""
         return self.words.item(H_START_NS) / 1e9  # type: ignore[no-any-return]
+
+    @property
+    def cold_start_s(self) -> float:
+        """Typical seconds from publishing a job to a parked thread starting it (the
+        publish wakes it)."""
+        return self.words.item(H_COLD_NS) / 1e9  # type: ignore[no-any-return]
+
+    def awake(self, most: int) -> int:
+        """How many of threads 0, 1, ... (the ones a job of ``most + 1`` drivers goes
+        to), in a row, are awake: spinning for their next job or running one."""
+        words, k = self.words, 0
+        while k < most and not words.item(HEADER + k * REC + R_PARKED):
+            k += 1
+        return k
 
     def runs(self) -> int:
         """Driver loops the team's threads have run."""

@@ -9,6 +9,7 @@ overwrite one; the threads leave at shutdown.
 
 from __future__ import annotations
 
+import itertools
 import operator
 import threading
 import time
@@ -294,3 +295,62 @@ def test_team_helper_count_pays_for_itself() -> None:
     assert f(10_000, 50_000) == 1  # shorter than the threads take to start: alone
     assert f(1e6, 0) == 16  # 1e6 / (16 * 15) >= 4 * 1000 > 1e6 / (17 * 16)
     assert f(1e6, 5e5) < f(1e6, 0) and f(1e8, 0) > f(1e6, 0)
+
+
+class _Estimates:
+    """What ``_runner.on_team`` reads of a team: its two start estimates and how many
+    of its first threads are awake."""
+
+    def __init__(self, awake_s: float, parked_s: float, awake: int) -> None:
+        self.start_s, self.cold_start_s, self._awake = awake_s, parked_s, awake
+        self.ticks = itertools.count(1)  # (tick 0 would be a measuring job)
+
+    def awake(self, most: int) -> int:
+        return min(most, self._awake)
+
+
+def test_helpers_are_judged_by_whether_their_threads_are_awake() -> None:
+    f = _runner.on_team
+    # Parked threads take 500 us to wake: a 100 us job is the caller's alone...
+    assert f(_Estimates(1e-6, 500e-6, awake=0), 100_000, 2) == 1  # type: ignore[arg-type]
+    # ...unless the thread it would use is awake (it started within a microsecond).
+    assert f(_Estimates(1e-6, 500e-6, awake=1), 100_000, 2) == 2  # type: ignore[arg-type]
+    # Awake threads serve as many drivers as there are of them (+ the caller); beyond
+    # that, a count must pay off at the parked threads' start.
+    many = _Estimates(1e-6, 590e-6, awake=3)
+    assert _runner.team_drivers(600_000, 1e3) > 4 and _runner.team_drivers(600_000, 590e3) == 2
+    assert f(many, 600_000, 16) == 4  # type: ignore[arg-type]
+    assert f(_Estimates(1e-6, 1e-6, awake=0), 600_000, 16) > 4  # type: ignore[arg-type]
+
+
+def test_a_team_judged_too_slow_is_measured_again_now_and_then() -> None:
+    # Both estimates high (a busy minute): the team would never be used, so never be
+    # measured again. One job in EXPLORE_EVERY gets a helper anyway...
+    slow = _Estimates(1e-3, 1e-3, awake=0)
+    n = 4 * _runner.EXPLORE_EVERY
+    counts = [_runner.on_team(slow, 100_000, 2) for _ in range(n)]  # type: ignore[arg-type]
+    assert counts.count(2) == 4 and counts.count(1) == n - 4
+    # ...when it is one the first guess would give a helper: not a job shorter than that.
+    assert all(_runner.on_team(slow, 10_000, 2) == 1 for _ in range(n))  # type: ignore[arg-type]
+
+
+def test_a_threads_start_counts_as_parked_or_awake() -> None:
+    # Team threads start parked: the first job wakes thread 0, and its start moves the
+    # parked estimate only. Back-to-back jobs then find it awake (it spins a while after
+    # each job) and move the awake one.
+    with Pool(2, backend="thread") as pool:
+        transform(K.affine, X, out=np.empty_like(X), pool=pool, chunk_size=500)
+        team = _team(pool)
+        _wait_until_the_team_ran_every_job(team)
+        words = team.words
+        assert team.handed >= 1 and words[TM.H_START_NS] == TM.START_NS
+        assert words[TM.H_COLD_NS] != TM.START_NS
+        deadline = time.monotonic() + WAIT
+        out = np.empty_like(X)
+        while words[TM.H_START_NS] == TM.START_NS:  # (a busy machine may park it between)
+            assert time.monotonic() < deadline, "no job found the team thread awake"
+            transform(K.affine, X, out=out, pool=pool, chunk_size=500)
+        # Left alone, the thread parks again after its spin.
+        while team.awake(1):
+            assert time.monotonic() < deadline, "the team thread never parked"
+            time.sleep(0.001)
