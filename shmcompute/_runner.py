@@ -138,9 +138,9 @@ def on_team(team: Team, work_ns: float, most: int) -> int:
     minute) would keep the team idle and so never be measured again; one job in
     ``EXPLORE_EVERY`` that the first guess (``START_NS``) would give a helper gets one
     anyway, to measure again."""
-    k = team_drivers(work_ns, team.cold_start_s * 1e9)
+    k = min(most, team_drivers(work_ns, team.cold_start_s * 1e9))
     if k < most:
-        awake = team_drivers(work_ns, team.start_s * 1e9)
+        awake = min(most, team_drivers(work_ns, team.start_s * 1e9))
         if awake > k:
             k = max(k, min(awake, 1 + team.awake(awake - 1)))
     if k == 1 and next(team.ticks) % EXPLORE_EVERY == 0:

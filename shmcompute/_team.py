@@ -364,7 +364,7 @@ class Team:
     def awake(self, most: int) -> int:
         """How many of threads 0, 1, ... (the ones a job of ``most + 1`` drivers goes
         to), in a row, are awake: spinning for their next job or running one."""
-        words, k = self.words, 0
+        words, k, most = self.words, 0, min(most, self.size)
         while k < most and not words.item(HEADER + k * REC + R_PARKED):
             k += 1
         return k

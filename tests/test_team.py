@@ -301,26 +301,32 @@ class _Estimates:
     """What ``_runner.on_team`` reads of a team: its two start estimates and how many
     of its first threads are awake."""
 
-    def __init__(self, awake_s: float, parked_s: float, awake: int) -> None:
+    def __init__(self, awake_s: float, parked_s: float, awake: int, size: int = 15) -> None:
         self.start_s, self.cold_start_s, self._awake = awake_s, parked_s, awake
+        self.size = size
         self.ticks = itertools.count(1)  # (tick 0 would be a measuring job)
 
     def awake(self, most: int) -> int:
+        assert most <= self.size, f"asked about {most} threads of {self.size}"
         return min(most, self._awake)
 
 
 def test_helpers_are_judged_by_whether_their_threads_are_awake() -> None:
     f = _runner.on_team
     # Parked threads take 500 us to wake: a 100 us job is the caller's alone...
-    assert f(_Estimates(1e-6, 500e-6, awake=0), 100_000, 2) == 1  # type: ignore[arg-type]
+    assert f(_Estimates(1e-6, 500e-6, 0, size=1), 100_000, 2) == 1  # type: ignore[arg-type]
     # ...unless the thread it would use is awake (it started within a microsecond).
-    assert f(_Estimates(1e-6, 500e-6, awake=1), 100_000, 2) == 2  # type: ignore[arg-type]
+    assert f(_Estimates(1e-6, 500e-6, 1, size=1), 100_000, 2) == 2  # type: ignore[arg-type]
     # Awake threads serve as many drivers as there are of them (+ the caller); beyond
     # that, a count must pay off at the parked threads' start.
     many = _Estimates(1e-6, 590e-6, awake=3)
     assert _runner.team_drivers(600_000, 1e3) > 4 and _runner.team_drivers(600_000, 590e3) == 2
     assert f(many, 600_000, 16) == 4  # type: ignore[arg-type]
     assert f(_Estimates(1e-6, 1e-6, awake=0), 600_000, 16) > 4  # type: ignore[arg-type]
+    # Never more than ``most``, however much work (the team has ``most - 1`` threads).
+    for awake in (0, 1):
+        two = _Estimates(1e-6, 1e-6, awake=awake, size=1)
+        assert f(two, 1e12, 2) == 2  # type: ignore[arg-type]
 
 
 def test_a_team_judged_too_slow_is_measured_again_now_and_then() -> None:
