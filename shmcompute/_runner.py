@@ -205,7 +205,6 @@ def wait_bell(
     ctrl: np.ndarray,
     until: Callable[[np.ndarray], bool],
     deadline: float | None,
-    bar: Any,
     spin_on: Pool | None = None,
 ) -> None:
     """Wait until ``until(ctrl)``. Everything that can make it true rings J_BELL (the
@@ -228,31 +227,26 @@ def wait_bell(
         if left is not None and left <= 0:
             at.store(ctrl, D.J_CLAIM, D.STOP)
             raise TimeoutError("transform: the job did not finish within its timeout")
-        step = 60.0 if left is None else left
-        at.wait(ctrl, D.J_BELL, seen, min(step, 0.1) if bar is not None else step)
-        if bar is not None:
-            bar.update_to(int(at.load(ctrl, D.J_DONE)))
+        at.wait(ctrl, D.J_BELL, seen, 60.0 if left is None else left)
 
 
 def wait_all(
-    futures: list[Any], deadline: float | None, ctrl: np.ndarray | None, bar: Any
+    futures: list[Any], deadline: float | None, ctrl: np.ndarray | None
 ) -> list[BaseException | None]:
     errors: list[BaseException | None] = []
     for f in futures:
-        while True:
-            left = None if deadline is None else deadline - time.monotonic()
-            if left is not None and left <= 0:
-                if ctrl is not None:
-                    at.store(ctrl, D.J_CLAIM, D.STOP)
-                raise TimeoutError("transform: the job did not finish within its timeout")
-            step = left if bar is None else min(0.1, left if left is not None else 0.1)
-            try:
-                errors.append(f.exception(step))
-                break
-            except TimeoutError:
-                if bar is not None and ctrl is not None:
-                    bar.update_to(int(at.load(ctrl, D.J_DONE)))
+        left = None if deadline is None else deadline - time.monotonic()
+        try:
+            errors.append(f.exception(None if left is None else max(0.0, left)))
+        except TimeoutError:
+            if ctrl is not None:
+                at.store(ctrl, D.J_CLAIM, D.STOP)
+            raise TimeoutError("transform: the job did not finish within its timeout") from None
     return errors
+
+
+def _chunks_done(ctrl: np.ndarray) -> int:
+    return int(at.load(ctrl, D.J_DONE))
 
 
 # --- one job ---------------------------------------------------------------------------------
@@ -309,6 +303,8 @@ def run_job(
     order_sa: SharedArray | None = None
     try:
         D.reset(ctrl, nchunks)
+        if bar is not None:
+            bar.follow(functools.partial(_chunks_done, ctrl))
         while True:
             nwork = order.shape[0] if order.shape[0] else nchunks
             ntasks = helpers(prep, pool, min(n, nwork * chunk), nwork)
@@ -376,7 +372,7 @@ def run_job(
                     at.store(ctrl, D.J_CLAIM, D.STOP)
                     D.left(ctrl, 0)
                     if on_team:
-                        wait_bell(ctrl, _all_left, deadline, None)
+                        wait_bell(ctrl, _all_left, deadline)
                     for f in futures:
                         f.exception(
                             None if deadline is None else max(0.0, deadline - time.monotonic())
@@ -388,7 +384,7 @@ def run_job(
             # Spin first, unless that takes a core from a worker: on processes the
             # caller is one more runnable thread, and a worker queued behind its spin
             # on a core would start late while the other workers take its share.
-            wait_bell(ctrl, _either, deadline, bar, pool if not process or ntasks < CORES else None)
+            wait_bell(ctrl, _either, deadline, pool if not process or ntasks < CORES else None)
             if _complete(ctrl):
                 # The work per row, for the next call's helper count: exact when the
                 # caller ran alone; otherwise an upper bound (every task busy from its
@@ -408,10 +404,10 @@ def run_job(
             # task whose future has resolved is done with the arena, whether or not it
             # counted itself out (its worker died, or it failed before its driver ran):
             # count it out, then wait for the caller's and the team's drivers.
-            errors = wait_all(futures, deadline, ctrl, None)
+            errors = wait_all(futures, deadline, ctrl)
             for t in range(ntasks - len(futures), ntasks):
                 D.left(ctrl, t)
-            wait_bell(ctrl, _all_left, deadline, bar)
+            wait_bell(ctrl, _all_left, deadline)
             failed = team.take_error(ctrl) if team is not None else None
             if failed is not None:
                 errors.append(kernel_error(prep.name, failed[0], failed[2], chunk, n))

@@ -105,7 +105,7 @@ from ._jobs import (
 from ._runner import Prepared, drivers_worth, row_ns, run_job
 from .array import SharedArray
 from .errors import ArgumentError, ArgumentTypeError
-from .modes import MODES, run_copy, take_ownership
+from .modes import MODES, check_transfer, run_copy, take_ownership
 from .pool import Pool, pool_size
 
 __all__ = ["default_pool", "reduce", "transform"]
@@ -197,9 +197,24 @@ def _check_out(out: np.ndarray, n: int) -> None:
             f"have {n}; make out as long as the inputs"
         )
     if not out.flags.c_contiguous:
-        raise ArgumentError(f"out is not C-contiguous (strides {out.strides})")
+        raise ArgumentError(
+            f"out is not C-contiguous (strides {out.strides}); pass a C-contiguous out "
+            "(np.empty_like(x)), or out=None for a new SharedArray"
+        )
     if not out.flags.writeable:
         raise ArgumentError("out is read-only; the kernel writes into it")
+
+
+def _check_dtype(dtype: Any) -> np.dtype[Any]:
+    try:
+        dt: np.dtype[Any] = np.dtype(dtype)
+    except TypeError as e:
+        raise ArgumentTypeError(
+            f"dtype must be a NumPy dtype for the output (np.float32, 'int64'), got {dtype!r}: {e}"
+        ) from None
+    if dt.hasobject:
+        raise ArgumentTypeError(f"dtype {dt} holds Python objects; kernels need numbers")
+    return dt
 
 
 def _check_int(name: str, value: Any, lo: int) -> int:
@@ -386,31 +401,47 @@ def _run(
             f"chunk_size={chunk} makes {nchunks} chunks (at most {_MAX_CHUNKS}); use larger chunks"
         )
     if overlap and overlap >= chunk and nchunks > 1:
-        raise ArgumentError(f"overlap ({overlap}) must be smaller than chunk_size ({chunk})")
+        raise ArgumentError(
+            f"overlap ({overlap}) must be smaller than chunk_size ({chunk}); use "
+            f"chunk_size > {overlap}"
+        )
 
-    if kind != "reduce":
-        if out is None:
-            shape = arrays[0].shape
-            out_arr: Any
-            out_sa = SharedArray.create(shape, dtype if dtype is not None else arrays[0].dtype)
-            out_arr, returned = out_sa.array, out_sa
-        else:
-            out_arr = _as_array(out, "out")
-            _check_out(out_arr, n)
-            returned = out
-    else:
-        out_arr, returned = None, None
-
-    # --- transfer: the caller's handles are detached; the job owns the arrays now ----------
-    owned: list[SharedArray] = []
+    if out is not None:
+        out_arr: Any = _as_array(out, "out")
+        _check_out(out_arr, n)
+        if overlap and any(np.may_share_memory(out_arr, a) for a in arrays):
+            raise ArgumentError(
+                f"out shares memory with an input, and overlap={overlap}: each chunk "
+                "reads rows of its neighbours that they overwrite in place, so the "
+                "result would depend on the order chunks ran in; pass a separate out "
+                "(out=None, or np.empty_like(x))"
+            )
     if mode == "transfer":
-        inputs, out, returned = take_ownership(inputs, out, returned)
-        owned = [x for x in (*inputs, out) if isinstance(x, SharedArray)]
-        arrays = [x.array for x in inputs]
-        if kind != "reduce":
-            out_arr = returned.array
+        check_transfer(inputs, out)
+    if dtype is not None:
+        dtype = _check_dtype(dtype)
+
+    if kind == "reduce":
+        out_arr, returned = None, None
+    elif out is None:
+        out_sa = SharedArray.create(
+            arrays[0].shape, dtype if dtype is not None else arrays[0].dtype
+        )
+        out_arr, returned = out_sa.array, out_sa
+    else:
+        returned = out
+
+    owned: list[SharedArray] = []
     try:
+        # (compiles and checks the kernel: before a transfer moves anything)
         prep = _prepare(kind, kernel, process, arrays, out_arr)
+        # --- transfer: the caller's handles are detached; the job owns the arrays now ------
+        if mode == "transfer":
+            inputs, out, returned = take_ownership(inputs, out, returned)
+            owned = [x for x in (*inputs, out) if isinstance(x, SharedArray)]
+            arrays = [x.array for x in inputs]
+            if kind != "reduce":
+                out_arr = returned.array
         if chunk_size is None and kind != "reduce" and mode != "copy" and nchunks > 0:
             # Smaller chunks for a kernel that does much per row (see the module
             # docstring): only when a chunk holds more than their work (else nothing
@@ -424,7 +455,7 @@ def _run(
             return returned if kind != "reduce" else _fold([], combine, identity)
         work = Work(kind, kernel, arrays, out_arr, n, chunk, nchunks, overlap, progress, timeout)
         if mode == "copy":
-            result = run_copy(work, pool)
+            result = run_copy(work, pool, retries)
         else:
             result = run_job(
                 work, prep, pool, retries, inputs, returned, one_shot=mode == "transfer"
@@ -433,7 +464,7 @@ def _run(
             return _fold(result, combine, identity)
         return returned
     except BaseException:
-        if out is None and isinstance(returned, SharedArray) and mode != "transfer":
+        if out is None and isinstance(returned, SharedArray):  # (made here: not returned)
             returned.unlink()
             returned.close()
         raise

@@ -153,6 +153,25 @@ def dies_once_on_marker(x, latch, out):  # type: ignore[no-untyped-def]
 
 
 @njit(nogil=True, cache=True)
+def dies_on_marker(x, out):  # type: ignore[no-untyped-def]
+    """out = 2x; the worker process dies on any chunk holding a -1 marker, every time."""
+    for i in range(x.shape[0]):
+        if x[i] == -1.0:
+            _exit(9)
+        out[i] = 2.0 * x[i]
+
+
+@njit(nogil=True, cache=True)
+def gated_copy(x, gate, out, start):  # type: ignore[no-untyped-def]
+    """out = x, with a halo of 1 (for ``start``): every chunk but the first waits (up
+    to 30 s) until the first word of its slice of ``gate`` is set."""
+    if start > 0:
+        at.wait(gate, 0, 0, 30.0)
+    for i in range(out.shape[0]):
+        out[i] = x[start + i]
+
+
+@njit(nogil=True, cache=True)
 def returns_nothing(x):  # type: ignore[no-untyped-def]
     x[0] = x[0]
 

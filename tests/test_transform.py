@@ -13,6 +13,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 import types
 from collections.abc import Iterator
@@ -450,6 +451,69 @@ def test_progress_bar(
     assert "shmcompute: 50/50 chunks" in err  # ends at the total, fed from the counter
 
 
+@pytest.mark.parametrize("mode", ["share", "transfer"])
+def test_progress_bar_moves_while_the_job_runs(
+    pool: Pool, mode: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Every chunk but the first waits at a gate the test opens only once the bar has
+    # shown that first chunk: a bar fed only at the end (on threads the caller runs
+    # chunks itself) never shows it, and the job then fails after the kernel's 30 s.
+    from shmcompute import modes
+
+    monkeypatch.setitem(sys.modules, "tqdm", None)
+    shown: list[int] = []
+    real = modes.Progress.update_to
+
+    def spy(self: Any, n: int) -> None:
+        shown.append(min(n, self.total))
+        real(self, n)
+
+    monkeypatch.setattr(modes.Progress, "update_to", spy)
+    n, chunk = 100, 10
+    x = shc.from_numpy(np.arange(float(n)))
+    gate = shc.zeros(n, np.int64)
+    opener = shc.SharedArray.attach(gate.handle)  # (a transfer detaches gate itself)
+    done: list[Any] = []
+    job = threading.Thread(
+        target=lambda: done.append(
+            transform(
+                K.gated_copy,
+                x,
+                gate,
+                pool=pool,
+                chunk_size=chunk,
+                overlap=1,
+                mode=mode,
+                progress=True,
+            )
+        )
+    )
+    job.start()
+    try:
+        deadline = time.monotonic() + 30
+        while not any(0 < v < n // chunk for v in shown) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert any(0 < v < n // chunk for v in shown), f"the bar showed only {set(shown)}"
+    finally:
+        for i in range(n):
+            shc.atomics.store(opener.array, i, 1)
+            shc.atomics.notify(opener.array, i)
+        job.join(60)
+        opener.close()
+    assert not job.is_alive() and done
+    out = done[0]
+    try:
+        np.testing.assert_array_equal(out.array, np.arange(float(n)))
+        assert shown[-1] == n // chunk
+    finally:
+        out.unlink()
+        out.close()
+        for sa in (x, gate):
+            if not sa.detached:
+                sa.unlink()
+                sa.close()
+
+
 def test_progress_bar_uses_tqdm_when_installed(pool: Pool, monkeypatch: pytest.MonkeyPatch) -> None:
     updates: list[int] = []
 
@@ -488,9 +552,54 @@ def test_transfer_detaches_the_sender(pool: Pool) -> None:
         transform(K.affine, np.arange(3.0), pool=pool, mode="transfer")
 
 
+def test_a_transfer_that_fails_before_any_work_leaves_the_arrays_with_the_caller(
+    pool: Pool,
+) -> None:
+    x = np.arange(1000.0)
+    with shc.from_numpy(x) as a, shc.from_numpy(x) as b, shc.from_numpy(x) as out:
+        attached = shc.SharedArray.attach(b.handle)
+        try:
+            failing = [
+                # the kernel does not compile for these inputs (found before the move)
+                (lambda: transform(K.add2, a, pool=pool, mode="transfer"), TransformError),
+                (
+                    lambda: transform(K.returns_value, a, out=out, pool=pool, mode="transfer"),
+                    TransformError,
+                ),
+                (
+                    lambda: transform(K.add2, a, b, pool=pool, dtype=3, mode="transfer"),
+                    ArgumentTypeError,
+                ),
+                # the second input cannot be moved: the first one must not be either
+                (lambda: transform(K.add2, a, x, pool=pool, mode="transfer"), ArgumentTypeError),
+                (lambda: transform(K.add2, a, attached, pool=pool, mode="transfer"), ArgumentError),
+                (
+                    lambda: transform(K.add2, a, b, out=np.empty(1000), pool=pool, mode="transfer"),
+                    ArgumentTypeError,
+                ),
+            ]
+            for call, error in failing:
+                with pytest.raises(error):
+                    call()
+                for sa in (a, b, out):
+                    assert not sa.detached and sa.owner
+                    np.testing.assert_array_equal(sa.array, x)
+        finally:
+            attached.close()
+        # and they still move when nothing is wrong
+        res = transform(K.add2, a, b, pool=pool, mode="transfer")
+        try:
+            assert a.detached and b.detached
+            np.testing.assert_allclose(res.array, 2 * x)
+        finally:
+            res.unlink()
+            res.close()
+
+
 # --- errors before any work -------------------------------------------------------------------
 def test_argument_errors(pool: Pool) -> None:
     x = np.arange(10.0)
+    buf = np.arange(11.0)
     cases: list[tuple[Any, type[Exception], str]] = [
         (
             lambda: transform(lambda a, o: None, x, pool=pool),
@@ -504,6 +613,13 @@ def test_argument_errors(pool: Pool) -> None:
             "input 0 has 10 rows, input 1 has 9",
         ),
         (lambda: transform(K.affine, x[::2], pool=pool), ArgumentError, "not C-contiguous"),
+        (
+            lambda: transform(K.affine, x, out=np.empty(20)[::2], pool=pool),
+            ArgumentError,
+            "out is not C-contiguous (strides (16,)); pass a C-contiguous out",
+        ),
+        (lambda: transform(K.affine, x, pool=pool, timeout=0), ArgumentError, "timeout must be"),
+        (lambda: transform(K.affine, x, pool=pool, retries=-1), ArgumentError, "retries must be"),
         (
             lambda: transform(K.affine, np.array([object()] * 3), pool=pool),
             ArgumentTypeError,
@@ -527,9 +643,21 @@ def test_argument_errors(pool: Pool) -> None:
         (
             lambda: transform(K.blur3, x, pool=pool, chunk_size=2, overlap=2),
             ArgumentError,
-            "overlap (2) must be smaller than chunk_size",
+            "overlap (2) must be smaller than chunk_size (2); use chunk_size > 2",
         ),
         (lambda: transform(K.affine, x, x, x, x, pool=pool), ArgumentError, "at most 3"),
+        (
+            lambda: transform(K.blur3, x, out=x, pool=pool, chunk_size=5, overlap=1),
+            ArgumentError,
+            "out shares memory with an input, and overlap=1",
+        ),
+        (
+            lambda: transform(K.blur3, buf[:10], out=buf[1:], pool=pool, overlap=1),
+            ArgumentError,
+            "pass a separate out",
+        ),
+        (lambda: transform(K.affine, x, pool=pool, dtype="float65"), ArgumentTypeError, "dtype"),
+        (lambda: transform(K.affine, x, pool=pool, dtype=object), ArgumentTypeError, "objects"),
         (
             lambda: transform(K.affine, np.float64(1.0), pool=pool),
             ArgumentTypeError,
@@ -926,6 +1054,32 @@ def test_a_pool_that_retries_tasks_leaves_lost_chunks_to_the_transform() -> None
         try:
             np.testing.assert_allclose(out.array, 2.0 * x)
             assert pool.stats.crashed == 1
+        finally:
+            out.unlink()
+            out.close()
+
+
+@pytest.mark.crash
+def test_copy_mode_runs_a_crashed_chunk_again_up_to_retries() -> None:
+    # A copy-mode chunk is a task with its own copy of the rows: running it again is
+    # safe, and each run here dies again, so the job fails after 1 + retries runs.
+    x = np.arange(5000, dtype=np.float64)
+    x[2345] = -1.0
+    with Pool(2, backend="process") as pool:
+        for retries, runs in ((0, 1), (2, 3)):
+            before = pool.stats.crashed
+            with pytest.raises(WorkerCrashedError) as info:
+                transform(
+                    K.dies_on_marker, x, pool=pool, chunk_size=1000, mode="copy", retries=retries
+                )
+            assert pool.stats.crashed - before == runs
+            msg = str(info.value)
+            assert "tests._kernels.dies_on_marker's job on chunk 2 (rows 2000:3000)" in msg
+            assert f"retries ran out ({retries})" in msg and info.value.exitcode == 9
+        x[2345] = 1.0  # the pool is still usable
+        out = transform(K.dies_on_marker, x, pool=pool, mode="copy")
+        try:
+            np.testing.assert_allclose(out.array, 2.0 * x)
         finally:
             out.unlink()
             out.close()
