@@ -345,7 +345,10 @@ def reduce1(kref, kaddr, ctrl, t, order, a, parts, n, chunk, nchunks):  # type: 
         at.store(ctrl, J_TASK + t, i)
         lo = i * chunk
         hi = min(lo + chunk, n)
-        parts[i] = kernel(a[lo:hi])
+        r = kernel(a[lo:hi])
+        if at.load(ctrl, J_CLAIM) >= STOP:
+            break  # (the kernel raised, and its hook stopped the job: r is no partial)
+        parts[i] = r
         finished(ctrl, i)
     at.store(ctrl, J_TASK + t, -1)
     left(ctrl, t)
@@ -364,7 +367,10 @@ def reduce2(kref, kaddr, ctrl, t, order, a, b, parts, n, chunk, nchunks):  # typ
         at.store(ctrl, J_TASK + t, i)
         lo = i * chunk
         hi = min(lo + chunk, n)
-        parts[i] = kernel(a[lo:hi], b[lo:hi])
+        r = kernel(a[lo:hi], b[lo:hi])
+        if at.load(ctrl, J_CLAIM) >= STOP:
+            break  # (the kernel raised, and its hook stopped the job: r is no partial)
+        parts[i] = r
         finished(ctrl, i)
     at.store(ctrl, J_TASK + t, -1)
     left(ctrl, t)
@@ -383,7 +389,10 @@ def reduce3(kref, kaddr, ctrl, t, order, a, b, c, parts, n, chunk, nchunks):  # 
         at.store(ctrl, J_TASK + t, i)
         lo = i * chunk
         hi = min(lo + chunk, n)
-        parts[i] = kernel(a[lo:hi], b[lo:hi], c[lo:hi])
+        r = kernel(a[lo:hi], b[lo:hi], c[lo:hi])
+        if at.load(ctrl, J_CLAIM) >= STOP:
+            break  # (the kernel raised, and its hook stopped the job: r is no partial)
+        parts[i] = r
         finished(ctrl, i)
     at.store(ctrl, J_TASK + t, -1)
     left(ctrl, t)

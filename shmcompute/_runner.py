@@ -31,6 +31,7 @@ from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
 import numpy as np
+from numba import types
 
 from . import _drivers as D
 from . import atomics as at
@@ -260,6 +261,31 @@ def _shared(a: np.ndarray, obj: Any, temps: list[SharedArray]) -> SharedArray:
     return sa
 
 
+def _partials(
+    prep: Prepared, kernel: Any, arrays: Sequence[np.ndarray], chunk: int, n: int, nchunks: int
+) -> np.ndarray:
+    """Where a reduce job's drivers write each chunk's partial result: one row per
+    chunk. A number's type says it all (as the Python number Numba returns, as in copy
+    mode: a float32 partial is a float); an array's shape comes from running the kernel
+    on chunk 0 here (it runs again in the job)."""
+    for numba_type, dtype in _SCALAR_PARTIALS:
+        if isinstance(prep.rt, numba_type):
+            return np.empty(nchunks, dtype)
+    try:
+        first = kernel(*(a[:chunk] for a in arrays))
+    except Exception as e:
+        raise kernel_error(prep.name, e, 0, chunk, n) from e
+    return np.empty((nchunks, *np.shape(first)), np.asarray(first).dtype)
+
+
+_SCALAR_PARTIALS = (
+    (types.Boolean, np.dtype(bool)),
+    (types.Integer, np.dtype(int)),
+    (types.Float, np.dtype(float)),
+    (types.Complex, np.dtype(complex)),
+)
+
+
 def run_job(
     w: Work,
     prep: Prepared,
@@ -280,8 +306,7 @@ def run_job(
     temps: list[SharedArray] = []
     copy_back: tuple[np.ndarray, np.ndarray] | None = None
     if kind == "reduce":
-        first = kernel(*(a[:chunk] for a in arrays))  # also gives the partials' shape
-        out_arr = np.empty((nchunks, *np.shape(first)), np.asarray(first).dtype)
+        out_arr = _partials(prep, kernel, arrays, chunk, n, nchunks)
     if process:
         # Workers attach by handle: everything they touch must be a segment.
         in_sas = [_shared(a, obj, temps) for a, obj in zip(arrays, in_objs, strict=True)]

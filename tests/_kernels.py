@@ -108,6 +108,26 @@ def fails_on_negative(x, out):  # type: ignore[no-untyped-def]
 
 
 @njit(nogil=True, cache=True)
+def sum_fails_on_negative(x):  # type: ignore[no-untyped-def]
+    s = 0.0
+    for i in range(x.shape[0]):
+        if x[i] < 0:
+            raise ValueError("negative input")
+        s += x[i]
+    return s
+
+
+@njit(nogil=True, cache=True)
+def hist_fails_on_negative(x):  # type: ignore[no-untyped-def]
+    h = np.zeros(4, np.int64)
+    for i in range(x.shape[0]):
+        if x[i] < 0:
+            raise ValueError("negative input")
+        h[int(x[i]) % 4] += 1
+    return h
+
+
+@njit(nogil=True, cache=True)
 def returns_value(x, out):  # type: ignore[no-untyped-def]
     return x[0]
 

@@ -690,14 +690,15 @@ def test_kernel_that_does_not_compile_or_returns_a_value(pool: Pool) -> None:
         reduce(K.returns_nothing, np.arange(4.0), combine=operator.add, pool=pool)
 
 
-@pytest.mark.parametrize("mode", ["share", "copy"])
+@pytest.mark.parametrize("mode", MODES)
 def test_kernel_error_names_kernel_and_chunk(pool: Pool, mode: str) -> None:
     x = np.arange(1000.0)
     x[734] = -1.0
-    with pytest.raises(TransformError) as info:
-        transform(
-            K.fails_on_negative, x, out=np.empty_like(x), pool=pool, chunk_size=100, mode=mode
-        )
+    with shc.from_numpy(x) as sx:
+        with pytest.raises(TransformError) as info:
+            transform(K.fails_on_negative, sx, pool=pool, chunk_size=100, mode=mode)
+        if mode == "transfer":
+            assert sx.detached  # (consumed by the job, whatever its end)
     msg = str(info.value)
     assert "tests._kernels.fails_on_negative" in msg and "chunk 7 (rows 700:800)" in msg
     assert "negative input" in msg
@@ -707,6 +708,23 @@ def test_kernel_error_names_kernel_and_chunk(pool: Pool, mode: str) -> None:
 
 
 # --- scheduling: the output is complete when its last chunk is written --------------------------
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("where", [0, 734])
+@pytest.mark.parametrize("kernel", [K.sum_fails_on_negative, K.hist_fails_on_negative])
+def test_reduce_kernel_error_names_kernel_and_chunk(
+    pool: Pool, mode: str, where: int, kernel: Any
+) -> None:
+    x = np.arange(1000.0)
+    x[where] = -1.0
+    with shc.from_numpy(x) as sx, pytest.raises(TransformError) as info:
+        reduce(kernel, sx, combine=operator.add, pool=pool, chunk_size=100, mode=mode)
+    i = where // 100
+    msg = str(info.value)
+    name = kernel.py_func.__name__
+    assert f"tests._kernels.{name}" in msg and f"chunk {i} (rows {i * 100}:{i * 100 + 100})" in msg
+    assert "ValueError: negative input" in msg and info.value.__cause__ is not None
+
+
 def test_caller_does_not_wait_for_tasks_that_never_started() -> None:
     # Both workers are busy, so the job's worker tasks queue behind them; the caller runs
     # driver 0 itself and writes every chunk. It returns then, not when the queued tasks
