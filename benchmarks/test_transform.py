@@ -58,7 +58,7 @@ Measurement rules:
   preloaded (what ``ProcessPool`` asks for by default); all workers load the kernels
   from Numba's disk cache during their warm-up. joblib keeps its defaults (loky; inputs
   over 1 MB go through joblib's memmapping, itself a copy). The copy-based peers use the
-  same chunks as shmcompute's default ``chunk_size`` (about four per worker). Every pool
+  same chunks as shmcompute's default ``chunk_size`` (about 16 per worker). Every pool
   is created per benchmark, warmed up, and shut down (workers joined) afterwards.
 * prange and one Numba thread run on plain NumPy arrays (what their users pass, and
   NumPy asks for transparent huge pages on large arrays); shmcompute on SharedArrays

@@ -7,8 +7,10 @@ which receives a small :class:`Job` (handles, not data).
 from __future__ import annotations
 
 import importlib
+import linecache
 import os
 import pickle
+import re
 import sys
 import threading
 import time
@@ -40,29 +42,48 @@ _resolved: dict[Any, Any] = {}  # worker-side: ref -> dispatcher
 
 
 def kernel_ref(kernel: Any) -> KernelRef:
+    """By reference when a worker process importing the kernel's module finds it;
+    by value otherwise: a kernel made in a function, in ``python -c`` or a notebook, or
+    under a script's ``if __name__ == "__main__":`` (a worker imports the script as
+    ``__mp_main__``, which skips that block)."""
     fn = kernel.py_func
     mod, qual = fn.__module__, fn.__qualname__
     name = f"{mod}.{qual}"
-    main = sys.modules.get("__main__")
-    importable = "<locals>" not in qual and (
-        mod != "__main__" or getattr(main, "__file__", None) is not None
-    )
+    importable = "<locals>" not in qual and (mod != "__main__" or _top_level_in_main(fn))
     if importable:
         return KernelRef(mod, qual, None, name)
     return KernelRef(None, None, pickle.dumps(kernel), name)
+
+
+def _top_level_in_main(fn: Any) -> bool:
+    """``fn`` (of ``__main__``) is defined at the top level of a script file: its
+    first line (the decorator's) is not indented."""
+    main = sys.modules.get("__main__")
+    path = getattr(main, "__file__", None)
+    if path is None or fn.__code__.co_filename != path:
+        return False
+    line = linecache.getline(path, fn.__code__.co_firstlineno)
+    return bool(line) and not line[0].isspace()
 
 
 def resolve(ref: KernelRef) -> Any:
     key = ref.by_value if ref.by_value is not None else (ref.module, ref.qualname)
     k = _resolved.get(key)
     if k is None:
-        if ref.by_value is not None:
-            k = pickle.loads(ref.by_value)
-        else:
-            assert ref.module is not None and ref.qualname is not None
-            k = importlib.import_module(ref.module)
-            for part in ref.qualname.split("."):
-                k = getattr(k, part)
+        try:
+            if ref.by_value is not None:
+                k = pickle.loads(ref.by_value)
+            else:
+                assert ref.module is not None and ref.qualname is not None
+                k = importlib.import_module(ref.module)
+                for part in ref.qualname.split("."):
+                    k = getattr(k, part)
+        except Exception as e:
+            raise TransformError(
+                f"kernel {ref.name} cannot be found in a worker process "
+                f"({type(e).__name__}: {e}); define it at the top level of a module the "
+                "workers can import (not inside a function or an if block)"
+            ) from e
         _resolved[key] = k
     return k
 
@@ -102,7 +123,7 @@ def compile_kernel(kernel: Any, argtypes: tuple[Any, ...], kind: str) -> Any:
         raise TransformError(
             f"kernel {kernel_name(kernel)} does not compile for the chunk types "
             f"({', '.join(str(t) for t in argtypes)}): {type(e).__name__}: "
-            f"{str(e).strip().splitlines()[0] if str(e).strip() else ''}"
+            f"{compile_summary(str(e))} (Numba's whole message is this error's __cause__)"
         ) from e
     rt = kernel.overloads[argtypes].signature.return_type
     if kind != "reduce" and rt != types.none:
@@ -117,6 +138,31 @@ def compile_kernel(kernel: Any, argtypes: tuple[Any, ...], kind: str) -> Any:
             "chunk's partial result (a number or an array)"
         )
     return rt
+
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+_WHERE = re.compile(r'^File "(?P<file>.+)", line (?P<line>\d+):$')
+
+
+def compile_summary(message: str) -> str:
+    """What a Numba compile error says, in one line: its first line past the
+    pipeline headers ("Failed in nopython mode pipeline ..."), the signature it looked
+    for, and where in the kernel (the line Numba marks with ^)."""
+    lines = [ln.rstrip() for ln in _ANSI.sub("", message).splitlines()]
+    said = [ln.strip() for ln in lines if ln.strip() and not ln.startswith("Failed in ")]
+    if not said:
+        return ""
+    parts = [said[0]]
+    parts += [ln[3:].strip() for ln in said[1:] if ln.startswith(">>>")][:1]
+    for i, ln in enumerate(lines):
+        m = _WHERE.match(ln.strip())
+        if m is None:
+            continue
+        marked = [j for j in range(i + 1, len(lines)) if lines[j].strip() == "^"]
+        code = lines[marked[0] - 1].strip() if marked else ""
+        parts.append(f"at {os.path.basename(m['file'])} line {m['line']}: {code}".rstrip(": "))
+        break
+    return " ".join(parts)
 
 
 _checked: dict[tuple[Any, ...], tuple[Any, Any]] = {}

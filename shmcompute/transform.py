@@ -65,12 +65,16 @@ Modes, kept side by side for comparison (identical results):
   ``multiprocessing.Pool.map`` does: cost grows with the data.
 * ``transfer``: like ``postMessage(..., transferList)``: the caller's SharedArrays are
   detached (using them raises ``DetachedError``), the job owns and then frees the inputs,
-  and the result comes back as a new SharedArray the caller owns. O(1).
+  and the result comes back as a new SharedArray the caller owns. O(1). Nothing moves
+  until every argument is checked and the kernel compiled: an error before the work
+  starts leaves the caller's arrays as they were; once it has started they are the
+  job's, whatever its end (as a transferred buffer is the receiver's).
 
 Kernels travel to process workers by reference (module and name) and load from Numba's
-disk cache (``cache=True``); a kernel defined in a notebook or ``python -c`` has no
-importable name and is shipped by value, so each worker process compiles it on its first
-job (~0.1-0.5 s once per worker). The caller compiles the kernel and the driver for the
+disk cache (``cache=True``); a kernel defined in a notebook, ``python -c``, a function,
+or under a script's ``if __name__ == "__main__":`` has no name a worker can import and is
+shipped by value, so each worker process compiles it on its first job (~0.1-0.5 s once
+per worker). The caller compiles the kernel and the driver for the
 workers' array types before any worker needs them (``_compile_for_workers``).
 """
 
@@ -167,9 +171,11 @@ def _as_array(x: Any, what: str | int) -> np.ndarray:
     )
 
 
-def _check_inputs(inputs: Sequence[Any]) -> list[np.ndarray]:
+def _check_inputs(inputs: Sequence[Any], kind: str) -> list[np.ndarray]:
     if not inputs:
-        raise ArgumentError("transform needs at least one input array")
+        raise ArgumentError(
+            f"{'reduce' if kind == 'reduce' else 'transform'} needs at least one input array"
+        )
     arrays = [_as_array(x, i) for i, x in enumerate(inputs)]
     n = arrays[0].shape[0] if arrays[0].ndim else None
     for i, a in enumerate(arrays):
@@ -272,8 +278,11 @@ def transform(
         kernel: an ``@numba.njit(nogil=True, cache=True)`` function that writes its
             output chunk and returns nothing (with ``overlap``: also takes ``start``).
         inputs: 1 to 3 arrays (NumPy or SharedArray) of equal length along axis 0.
-        out: where to write (may be one of the inputs: in place). None: a new
-            SharedArray shaped like the first input (``dtype`` to change its type).
+        out: where to write (may be one of the inputs: in place, but not with
+            ``overlap``). None: a new SharedArray shaped like the first input (``dtype``
+            to change its type). Checked along axis 0 only: its other dimensions are
+            the kernel's to use, and Numba does not check bounds, so a kernel writing
+            past its out chunk corrupts memory as it would called directly.
         pool: a ``shmcompute.Pool`` (thread or process); default ``default_pool()``.
         chunk_size: rows per chunk; default see the module docstring.
         mode: "share", "copy" or "transfer" (see the module docstring).
@@ -324,10 +333,13 @@ def reduce(
 ) -> Any:
     """Reduce in parallel: ``kernel(*input_chunks)`` returns each chunk's partial (a
     number or an array); partials are folded in chunk order, ``combine(acc, partial)``
-    starting from ``identity`` (or from the first partial when it is None).
+    starting from ``identity`` (or from the first partial when it is None; an empty
+    input then has no result, and raises ``ArgumentError``).
 
-    The order is fixed, so the result is the same for any worker count and scheduling
-    (for a given ``chunk_size``), floating-point sums included.
+    The order is fixed, so the result is the same for any scheduling and worker count
+    for a given ``chunk_size``, floating-point sums included. The default chunk size
+    depends on the pool's worker count (see the module docstring): pass ``chunk_size``
+    for bit-identical results across pools of different sizes.
 
     >>> total = shc.reduce(chunk_sum, x, combine=operator.add, identity=0.0)
     """
@@ -374,7 +386,7 @@ def _run(
         raise ArgumentError(f"mode must be one of {MODES}, got {mode!r}")
     if pool is not None and not isinstance(pool, Pool):
         raise ArgumentTypeError(f"pool must be a shmcompute Pool, got {type(pool).__name__}")
-    arrays = _check_inputs(inputs)
+    arrays = _check_inputs(inputs, kind)
     if len(arrays) > D.MAX_INPUTS[kind]:
         raise ArgumentError(
             f"{kind} kernels take at most {D.MAX_INPUTS[kind]} inputs, got {len(arrays)}; "
@@ -543,6 +555,11 @@ def _compile_for_workers(
 
 
 def _fold(partials: Sequence[Any], combine: Any, identity: Any) -> Any:
+    if not partials and identity is None:
+        raise ArgumentError(
+            "reduce of an empty input needs identity= (the result when there is nothing "
+            "to combine, e.g. identity=0.0 for a sum)"
+        )
     acc = identity
     for i, p in enumerate(partials):
         acc = p if (acc is None and i == 0) else combine(acc, p)

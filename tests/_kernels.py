@@ -128,6 +128,12 @@ def hist_fails_on_negative(x):  # type: ignore[no-untyped-def]
 
 
 @njit(nogil=True, cache=True)
+def does_not_type(x, out):  # type: ignore[no-untyped-def]
+    for i in range(x.shape[0]):
+        out[i] = x[i] + "a"
+
+
+@njit(nogil=True, cache=True)
 def returns_value(x, out):  # type: ignore[no-untyped-def]
     return x[0]
 

@@ -153,6 +153,9 @@ def test_reductions(pool: Pool, mode: str) -> None:
     np.testing.assert_array_equal(hist, np.bincount(x.astype(np.int64) & 15, minlength=16))
     assert red(K.dot_partial, x, y, combine=operator.add, identity=0.0) == pytest.approx(x @ y)
     assert reduce(K.chunk_sum, np.zeros(0), combine=operator.add, identity=0.0, pool=pool) == 0
+    with pytest.raises(ArgumentError, match="reduce of an empty input needs identity="):
+        reduce(K.chunk_sum, np.zeros(0), combine=operator.add, pool=pool)
+    assert red(K.chunk_sum, x[:1], combine=operator.add) == x[0]  # one element, one chunk
 
 
 def test_reduce_is_deterministic_across_workers_and_modes() -> None:
@@ -664,6 +667,12 @@ def test_argument_errors(pool: Pool) -> None:
             "input 0 must be a NumPy array",
         ),
         (lambda: transform(K.affine, x, pool="mine"), ArgumentTypeError, "pool must be"),
+        (lambda: transform(K.affine, pool=pool), ArgumentError, "transform needs at least one"),
+        (
+            lambda: reduce(K.chunk_sum, combine=operator.add, pool=pool),
+            ArgumentError,
+            "reduce needs at least one input",
+        ),
         (
             lambda: reduce(K.chunk_sum, x, combine=3, pool=pool),
             ArgumentTypeError,
@@ -684,6 +693,11 @@ def test_argument_errors(pool: Pool) -> None:
 def test_kernel_that_does_not_compile_or_returns_a_value(pool: Pool) -> None:
     with pytest.raises(TransformError, match=r"tests._kernels.add2 does not compile"):
         transform(K.add2, np.arange(4.0), pool=pool)  # 2 inputs + out expected, got 1 + out
+    with pytest.raises(TransformError) as info:
+        transform(K.does_not_type, np.arange(4.0), pool=pool)
+    msg = str(info.value)  # what Numba found wrong and where, past its pipeline headers
+    assert "Failed in" not in msg and "No implementation of function" in msg
+    assert "add(float64, " in msg and "_kernels.py line" in msg and 'x[i] + "a"' in msg
     with pytest.raises(TransformError, match="returns float64"):
         transform(K.returns_value, np.arange(4.0), pool=pool)
     with pytest.raises(TransformError, match="returns nothing"):
@@ -1133,6 +1147,60 @@ def test_process_drivers_compile_in_the_caller() -> None:
 
 
 # --- kernels without an importable name --------------------------------------------------------
+def test_script_kernels_go_by_reference_unless_a_worker_cannot_import_them(
+    tmp_path: Any,
+) -> None:
+    # A worker imports the script as __mp_main__: a kernel at its top level is found
+    # there (by reference, from Numba's cache); one under `if __name__ == "__main__":`
+    # is not, so it is shipped by value.
+    script = tmp_path / "script.py"
+    script.write_text(
+        textwrap.dedent(
+            """
+            import numpy as np, numba
+            import shmcompute as shc
+            from shmcompute._jobs import kernel_ref
+
+            @numba.njit(nogil=True, cache=True)
+            def top(x, out):
+                for i in range(x.shape[0]):
+                    out[i] = 2 * x[i]
+
+            if __name__ == "__main__":
+                @numba.njit(nogil=True, cache=True)
+                def guarded(x, out):
+                    for i in range(x.shape[0]):
+                        out[i] = 3 * x[i]
+
+                with shc.Pool(2, backend="process") as pool:
+                    for k, factor in ((top, 2), (guarded, 3)):
+                        y = shc.transform(k, np.arange(5000.0), pool=pool, chunk_size=500)
+                        assert np.array_equal(y.array, factor * np.arange(5000.0))
+                        y.unlink(); y.close()
+                        print(k.py_func.__name__, kernel_ref(k).by_value is None)
+            """
+        )
+    )
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    proc = subprocess.run(
+        [sys.executable, str(script)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=tmp_path,
+        env={**os.environ, "PYTHONPATH": root},
+    )
+    assert proc.stdout.split() == ["top", "True", "guarded", "False"], proc.stderr[-2000:]
+    assert "leaked" not in proc.stderr
+
+
+def test_a_kernel_a_worker_cannot_import_is_a_clear_error() -> None:
+    from shmcompute._jobs import KernelRef, resolve
+
+    with pytest.raises(TransformError, match=r"kernel tests._kernels.gone cannot be found"):
+        resolve(KernelRef("tests._kernels", "gone", None, "tests._kernels.gone"))
+
+
 def test_kernel_defined_in_main_is_shipped_by_value() -> None:
     code = textwrap.dedent(
         """
