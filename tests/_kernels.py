@@ -49,6 +49,32 @@ def blur3(x, out, start):  # type: ignore[no-untyped-def]
 
 
 @njit(nogil=True, cache=True)
+def vblur5(img, out, start):  # type: ignore[no-untyped-def]
+    """A 2-D halo kernel (an image by rows, overlap=2): out[r, c] = mean of
+    img[r-2..r+2, c] clipped at the image's top and bottom."""
+    n = img.shape[0]
+    for j in range(out.shape[0]):
+        i = start + j
+        lo = max(i - 2, 0)
+        hi = min(i + 3, n)
+        for c in range(img.shape[1]):
+            s = 0.0
+            for k in range(lo, hi):
+                s += img[k, c]
+            out[j, c] = s / (hi - lo)
+
+
+@njit(nogil=True, cache=True)
+def col_sums(img):  # type: ignore[no-untyped-def]
+    """A 2-D reduce kernel: the chunk's column sums (an array partial)."""
+    s = np.zeros(img.shape[1])
+    for r in range(img.shape[0]):
+        for c in range(img.shape[1]):
+            s[c] += img[r, c]
+    return s
+
+
+@njit(nogil=True, cache=True)
 def chunk_sum(x):  # type: ignore[no-untyped-def]
     s = 0.0
     for i in range(x.shape[0]):

@@ -111,6 +111,24 @@ def test_two_and_three_inputs(pool: Pool, mode: str) -> None:
         lambda *s, **kw: transform(K.fma3, *s, pool=pool, chunk_size=700, **kw), mode, a, b, c
     )
     np.testing.assert_allclose(got3, a * b + c)
+    # a two-input halo kernel, a three-input reduction
+    got_halo = _run(
+        lambda *s, **kw: transform(K.blur_pair, *s, pool=pool, chunk_size=600, overlap=1, **kw),
+        mode,
+        a,
+        b,
+    )
+    np.testing.assert_allclose(got_halo, np.r_[0.0, a[:-1]] + np.r_[b[1:], 0.0])
+    dot3 = _run(
+        lambda *s, **kw: np.float64(
+            reduce(K.dot3_partial, *s, pool=pool, chunk_size=700, combine=operator.add, **kw)
+        ),
+        mode,
+        a,
+        b,
+        c,
+    )
+    assert dot3 == pytest.approx(np.sum(a * b * c))
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -122,14 +140,30 @@ def test_image_by_rows(pool: Pool, mode: str) -> None:
     np.testing.assert_allclose(got, img * 2.0 + np.arange(64))
 
 
+def _vblur5_ref(img: np.ndarray) -> np.ndarray:
+    n = img.shape[0]
+    return np.array([img[max(i - 2, 0) : i + 3].mean(axis=0) for i in range(n)]).reshape(img.shape)
+
+
 @pytest.mark.parametrize("mode", MODES)
-@pytest.mark.parametrize(("n", "chunk"), [(1, 5), (2, 5), (50, 5), (1003, 100)])
+@pytest.mark.parametrize(("n", "chunk"), [(0, 5), (1, 5), (2, 5), (50, 5), (1003, 100)])
 def test_halo_blur(pool: Pool, mode: str, n: int, chunk: int) -> None:
     x = np.random.default_rng(3).standard_normal(n)
     got = _run(
         lambda s, **kw: transform(K.blur3, s, pool=pool, chunk_size=chunk, overlap=1, **kw), mode, x
     )
     np.testing.assert_allclose(got, _blur_ref(x))
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_image_blur_by_rows_with_a_halo(pool: Pool, mode: str) -> None:
+    img = np.random.default_rng(8).random((203, 17))
+    got = _run(
+        lambda s, **kw: transform(K.vblur5, s, pool=pool, chunk_size=20, overlap=2, **kw),
+        mode,
+        img,
+    )
+    np.testing.assert_allclose(got, _vblur5_ref(img))
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -179,12 +213,22 @@ def test_reduce_is_deterministic_across_workers_and_modes() -> None:
     assert len(results) == 1  # bit-identical: the fold order is fixed by chunk_size
 
 
-def test_in_place(pool: Pool) -> None:
+@pytest.mark.parametrize("mode", MODES)
+def test_in_place(pool: Pool, mode: str) -> None:
     x = np.arange(10_000, dtype=np.float64)
-    with shc.from_numpy(x) as sx:
-        out = transform(K.affine, sx, out=sx, pool=pool, chunk_size=999)
-        assert out is sx
-        np.testing.assert_allclose(sx.array, _affine_ref(x))
+    sx = shc.from_numpy(x)
+    out = transform(K.affine, sx, out=sx, pool=pool, chunk_size=999, mode=mode)
+    try:
+        if mode == "transfer":  # the one segment moved to the job and back
+            assert sx.detached and out is not sx and out.owner
+        else:
+            assert out is sx
+        np.testing.assert_allclose(out.array, _affine_ref(x))
+    finally:
+        out.unlink()
+        out.close()
+    if mode != "share":
+        return
     plain = x.copy()
     transform(K.affine, plain, out=plain, pool=pool, chunk_size=999)  # NumPy in, NumPy out
     np.testing.assert_allclose(plain, _affine_ref(x))
@@ -398,6 +442,35 @@ def test_hypothesis_shapes_and_chunks(
         img,
     )
     np.testing.assert_allclose(got, img * 2.0 + np.arange(cols))
+
+
+@settings(
+    max_examples=15, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    rows=st.integers(0, 200),
+    cols=st.integers(1, 4),
+    chunk=st.integers(3, 60),
+    mode=st.sampled_from(MODES),
+)
+def test_hypothesis_halos_and_reductions(
+    pool: Pool, rows: int, cols: int, chunk: int, mode: str
+) -> None:
+    img = np.random.default_rng(rows * 7 + cols).random((rows, cols))
+    got = _run(
+        lambda s, **kw: transform(K.vblur5, s, pool=pool, chunk_size=chunk, overlap=2, **kw),
+        mode,
+        img,
+    )
+    np.testing.assert_allclose(got, _vblur5_ref(img))
+    sums = _run(
+        lambda s, **kw: np.asarray(
+            reduce(K.col_sums, s, pool=pool, chunk_size=chunk, combine=np.add, identity=0.0, **kw)
+        ),
+        mode,
+        img,
+    )
+    np.testing.assert_allclose(sums, img.sum(axis=0) if rows else 0.0)
 
 
 def test_default_chunk_size_rule() -> None:
