@@ -1143,6 +1143,26 @@ def test_crash_reruns_only_the_lost_chunks() -> None:
 
 
 @pytest.mark.crash
+def test_crash_in_transfer_mode_reruns_only_the_lost_chunks() -> None:
+    # The job owns the moved arrays, and its one-shot tasks unmap them as they end: the
+    # re-run of the lost chunk attaches them again.
+    x = np.arange(20_000, dtype=np.float64)
+    x[12_345] = -1.0
+    with Pool(2, backend="process") as pool:
+        sx, latch = shc.from_numpy(x), shc.zeros(x.shape[0], np.int64)
+        out = transform(
+            K.dies_once_on_marker, sx, latch, pool=pool, chunk_size=1000, mode="transfer"
+        )
+        try:
+            assert sx.detached and latch.detached
+            np.testing.assert_allclose(out.array, 2.0 * x)
+            assert pool.stats.crashed == 1
+        finally:
+            out.unlink()
+            out.close()
+
+
+@pytest.mark.crash
 def test_a_pool_that_retries_tasks_leaves_lost_chunks_to_the_transform() -> None:
     # A pool's own retries re-run a crashed task from the start. A driver task re-run
     # that way finds the chunk its first run was writing claimed and leaves it unwritten
