@@ -86,6 +86,7 @@ import logging
 import math
 import sys
 import threading
+import warnings
 from collections.abc import Callable, Sequence
 from types import ModuleType
 from typing import Any
@@ -520,11 +521,38 @@ def _prepare(
     elif kind != "reduce":  # (reduce: the partials' type comes per call)
         p = plan(kind, kernel, rt, _CTRL_LIKE, NO_ORDER, tuple(arrays), out_arr)
     prep = Prepared(kernel_name(kernel), rt, p, kernel_ref(kernel) if process else None)
+    if prep.ref is not None and prep.ref.by_value is None and not _disk_cached(kernel):
+        _warn_uncached(prep.name)
     if key is not None:
         if len(_prepared) >= _PREPARED_MAX:
             evict_oldest(_prepared)
         _prepared[key] = prep
     return prep
+
+
+def _disk_cached(kernel: Any) -> bool:
+    """The kernel was made with ``cache=True`` (Numba keeps no public flag for it)."""
+    try:
+        from numba.core.caching import NullCache
+    except ImportError:  # pragma: no cover - a Numba that moved it: assume it is
+        return True
+    return not isinstance(getattr(kernel, "_cache", None), NullCache)
+
+
+_warned_uncached: set[str] = set()
+
+
+def _warn_uncached(name: str) -> None:
+    if name in _warned_uncached:
+        return
+    _warned_uncached.add(name)
+    warnings.warn(
+        f"kernel {name} has no cache=True: every process worker compiles it on its first "
+        "job (~0.1-0.5 s each, again in each replaced worker), instead of loading what "
+        "the caller compiled; use @numba.njit(nogil=True, cache=True)",
+        RuntimeWarning,
+        stacklevel=5,  # (the caller of transform or reduce: _run, _prepare, here)
+    )
 
 
 def _worker_like(dtype: Any, shape: tuple[int, ...]) -> np.ndarray:

@@ -16,6 +16,7 @@ import textwrap
 import threading
 import time
 import types
+import warnings
 from collections.abc import Iterator
 from typing import Any
 
@@ -1285,6 +1286,26 @@ def test_script_kernels_go_by_reference_unless_a_worker_cannot_import_them(
     )
     assert proc.stdout.split() == ["top", "True", "guarded", "False"], proc.stderr[-2000:]
     assert "leaked" not in proc.stderr
+
+
+def test_a_kernel_without_a_disk_cache_is_worth_a_warning_on_processes(pool: Pool) -> None:
+    from shmcompute import transform as module
+
+    module._warned_uncached.discard("tests._kernels.affine_uncached")
+    x = np.arange(100.0)
+    out = np.empty_like(x)
+    if pool.backend == "process":  # each worker would compile it for itself
+        with pytest.warns(RuntimeWarning, match="affine_uncached has no cache=True") as got:
+            transform(K.affine_uncached, x, out=out, pool=pool)
+        assert got[0].filename == __file__  # (points at the call)
+    else:  # threads run what the caller compiled
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            transform(K.affine_uncached, x, out=out, pool=pool)
+    np.testing.assert_allclose(out, _affine_ref(x))
+    with warnings.catch_warnings():  # once per kernel
+        warnings.simplefilter("error")
+        transform(K.affine_uncached, x.astype(np.float32), out=out, pool=pool)
 
 
 def test_a_kernel_a_worker_cannot_import_is_a_clear_error() -> None:
