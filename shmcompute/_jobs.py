@@ -208,6 +208,24 @@ def signature(
     return (types.TypeRef(fty), types.intp, ctrl_type, i64, order_type, *in_types, out_type, *tail)
 
 
+_SCALAR_PARTIALS = (
+    (types.Boolean, np.dtype(bool)),
+    (types.Integer, np.dtype(int)),
+    (types.Float, np.dtype(float)),
+    (types.Complex, np.dtype(complex)),
+)
+
+
+def scalar_partial_dtype(rt: Any) -> np.dtype[Any] | None:
+    """The dtype of a reduce job's partials when its kernel returns a number of type
+    ``rt``: that of the Python number Numba returns (copy mode's partials), so a float32
+    partial is a float64. None for an array (its shape comes from a call)."""
+    for numba_type, dtype in _SCALAR_PARTIALS:
+        if isinstance(rt, numba_type):
+            return dtype
+    return None
+
+
 # --- one call ---------------------------------------------------------------------------------
 class Work(NamedTuple):
     """One call's work as ``transform`` checked it: what every mode's runner needs."""

@@ -31,7 +31,6 @@ from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
 import numpy as np
-from numba import types
 
 from . import _drivers as D
 from . import atomics as at
@@ -48,6 +47,7 @@ from ._jobs import (
     pack,
     plan,
     run_task,
+    scalar_partial_dtype,
 )
 from ._team import START_NS, Team
 from .array import SharedArray
@@ -268,22 +268,14 @@ def _partials(
     chunk. A number's type says it all (as the Python number Numba returns, as in copy
     mode: a float32 partial is a float); an array's shape comes from running the kernel
     on chunk 0 here (it runs again in the job)."""
-    for numba_type, dtype in _SCALAR_PARTIALS:
-        if isinstance(prep.rt, numba_type):
-            return np.empty(nchunks, dtype)
+    dtype = scalar_partial_dtype(prep.rt)
+    if dtype is not None:
+        return np.empty(nchunks, dtype)
     try:
         first = kernel(*(a[:chunk] for a in arrays))
     except Exception as e:
         raise kernel_error(prep.name, e, 0, chunk, n) from e
     return np.empty((nchunks, *np.shape(first)), np.asarray(first).dtype)
-
-
-_SCALAR_PARTIALS = (
-    (types.Boolean, np.dtype(bool)),
-    (types.Integer, np.dtype(int)),
-    (types.Float, np.dtype(float)),
-    (types.Complex, np.dtype(complex)),
-)
 
 
 def run_job(

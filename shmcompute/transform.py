@@ -92,7 +92,6 @@ from types import ModuleType
 from typing import Any
 
 import numpy as np
-from numba import types
 from numba.np.numpy_support import as_dtype
 
 from . import _drivers as D
@@ -106,6 +105,7 @@ from ._jobs import (
     kernel_ref,
     kernel_rt,
     plan,
+    scalar_partial_dtype,
 )
 from ._runner import Prepared, drivers_worth, row_ns, run_job
 from .array import SharedArray
@@ -572,9 +572,11 @@ def _compile_for_workers(
     try:
         ins = tuple(_worker_like(a.dtype, a.shape) for a in arrays)
         if kind == "reduce":  # the partials: one row per chunk, of the kernel's result
-            part = rt.dtype if isinstance(rt, types.Array) else rt
-            shape = (0, *((0,) * rt.ndim)) if isinstance(rt, types.Array) else (0,)
-            out = np.empty(shape, as_dtype(part))
+            scalar = scalar_partial_dtype(rt)
+            if scalar is not None:
+                out = np.empty(0, scalar)
+            else:
+                out = np.empty((0, *((0,) * rt.ndim)), as_dtype(rt.dtype))
         else:
             out = _worker_like(out_arr.dtype, out_arr.shape)
         plan(kind, kernel, rt, _CTRL_LIKE, NO_ORDER, ins, out)

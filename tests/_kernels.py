@@ -244,3 +244,12 @@ def only_for_caller_compile(x, out):  # type: ignore[no-untyped-def]
 
 # (A second dispatcher of chunk_sum's function: a kernel object of its own.)
 only_for_caller_compile_sum = njit(nogil=True, cache=True)(chunk_sum.py_func)
+
+
+@njit(nogil=True, cache=True)
+def only_for_caller_compile_f32(x):  # type: ignore[no-untyped-def]
+    """A float32 partial (reduce jobs keep it as the float Numba returns)."""
+    s = np.float32(0.0)
+    for i in range(x.shape[0]):
+        s += np.float32(x[i])
+    return s

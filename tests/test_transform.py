@@ -1231,7 +1231,17 @@ def test_process_drivers_compile_in_the_caller() -> None:
             K.only_for_caller_compile_sum, x, combine=operator.add, pool=pool, chunk_size=500
         )
         assert total == x.astype(np.int64).sum()
-        assert planned(K.only_for_caller_compile) and planned(K.only_for_caller_compile_sum)
+        f32 = reduce(
+            K.only_for_caller_compile_f32, x, combine=operator.add, pool=pool, chunk_size=500
+        )
+        assert f32 == x.astype(np.int64).sum()
+        for k in (K.only_for_caller_compile, K.only_for_caller_compile_sum):
+            assert planned(k)
+        # (for the partials' dtype the job uses: float64, the float Numba returns)
+        assert any(
+            key[1] == id(K.only_for_caller_compile_f32) and key[-1][0] == "<f8"
+            for key in _jobs._plans
+        )
         # Workers that ran a driver loaded it from the cache. (A cache warm from earlier
         # runs would hide a worker's own compile: the caller-side check above is the
         # one that fails without the caller's compile. A worker whose task came late
