@@ -308,6 +308,31 @@ def _unlock(lot):
     N.sem_post(N.voidptr(lot + L.LOT_LOCK))
 
 
+@njit(**_JIT)
+def _gone(slot):
+    """The process that took this waiter slot has died (SIGKILLed while it waited, say):
+    it will never free the slot, nor take a wake-up meant for the living."""
+    return N.kill(np.int32(N.i64_load(slot + L.SLOT_PID)), 0) != 0 and N.errno_value() == N.ESRCH
+
+
+@njit(**_JIT)
+def _reclaim(lot):
+    """Free the slots of dead waiters (under the lock); return one of them, or 0."""
+    freed = 0
+    for k in range(L.LOT_NSLOTS):
+        s = lot + L.LOT_SLOTS + k * L.LOT_SLOT_SIZE
+        state = N.i64_load(s + L.SLOT_STATE)
+        if state == L.SLOT_FREE or not _gone(s):
+            continue
+        if state == L.SLOT_WAITING:
+            N.i64_add(lot + L.LOT_NWAITERS, -1)
+        else:  # SLOT_WOKEN: its post was never taken; the slot's next user starts at 0
+            N.sem_trywait(N.voidptr(s + L.SLOT_SEM))
+        N.i64_store(s + L.SLOT_STATE, L.SLOT_FREE)
+        freed = s
+    return freed
+
+
 @njit(**_JIT_NOGIL)
 def _wait_impl(arr, index, expected, deadline, interruptible):
     _slot(arr, index)
@@ -325,6 +350,8 @@ def _wait_impl(arr, index, expected, deadline, interruptible):
         if N.i64_load(s + L.SLOT_STATE) == L.SLOT_FREE:
             slot = s
             break
+    if slot == 0:
+        slot = _reclaim(lot)
     if slot == 0:
         _unlock(lot)
         return _ERR_FULL
@@ -409,8 +436,11 @@ def _notify_impl(arr, index, count):
                     best_ticket = t
         if best == 0:
             break
-        N.i64_store(best + L.SLOT_STATE, L.SLOT_WOKEN)
         N.i64_add(lot + L.LOT_NWAITERS, -1)
+        if _gone(best):  # a dead waiter takes no wake-up: free its slot, wake the next
+            N.i64_store(best + L.SLOT_STATE, L.SLOT_FREE)
+            continue
+        N.i64_store(best + L.SLOT_STATE, L.SLOT_WOKEN)
         N.sem_post(N.voidptr(best + L.SLOT_SEM))
         woken += 1
     _unlock(lot)
@@ -427,5 +457,5 @@ def _waiters_impl(arr, index):
     for k in range(L.LOT_NSLOTS):
         s = lot + L.LOT_SLOTS + k * L.LOT_SLOT_SIZE
         if N.i64_load(s + L.SLOT_STATE) == L.SLOT_WAITING and N.i64_load(s + L.SLOT_KEY) == key:
-            n += 1
+            n += not _gone(s)
     return n

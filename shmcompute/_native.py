@@ -50,9 +50,11 @@ sem_clockwait = types.ExternalFunction(
 )
 clock_gettime = types.ExternalFunction("clock_gettime", types.int32(types.int32, types.voidptr))
 getpid = types.ExternalFunction("getpid", types.int32())
+kill = types.ExternalFunction("kill", types.int32(types.int32, types.int32))
 sched_yield = types.ExternalFunction("sched_yield", types.int32())
 
 CLOCK_MONOTONIC = 1
+ESRCH = 3
 EINTR = 4
 EAGAIN = 11
 ETIMEDOUT = 110

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import sys
+import threading
 
 import numpy as np
 from numba import njit
@@ -166,6 +167,20 @@ def child_wait(handle, index: int, expected: int, timeout: float, in_kernel: boo
         return int(at.wait(a.array, index, expected, timeout))
     finally:
         a.close()
+
+
+def child_park_and_hang(handle, index: int, nthreads: int) -> None:
+    """``nthreads`` threads wait on ``handle[index]`` (60 s at most) until the test
+    kills this process (a multiprocessing.Process target)."""
+    a = _open(handle)
+    threads = [
+        threading.Thread(target=at.wait, args=(a.array, index, 0, 60.0), daemon=True)
+        for _ in range(nthreads)
+    ]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60.0)
 
 
 def child_attach_sum(handle, write: float | None = None) -> float:

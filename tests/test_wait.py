@@ -189,6 +189,38 @@ def test_wait_table_full_is_a_clear_error():
             t.join(BOUND)
 
 
+def _dead_waiters(a: shc.SharedArray, n: int) -> None:
+    """``n`` waiters on a[0] in a process that is then SIGKILLed while they wait."""
+    child = mp.get_context("forkserver").Process(
+        target=H.child_park_and_hang, args=(a.handle, 0, n)
+    )
+    child.start()
+    try:
+        until(lambda: at.waiters(a, 0) == n, f"{n} waiters parked in the child")
+    finally:
+        os.kill(child.pid, signal.SIGKILL)
+        child.join(BOUND)
+    assert at.waiters(a, 0) == 0  # the dead are not counted
+
+
+@pytest.mark.crash
+@pytest.mark.parametrize("dead", [1, L.LOT_NSLOTS])
+def test_a_dead_waiter_takes_no_wakeup_and_no_slot(dead):
+    # A process killed while it waited (a pool kills a worker whose task timed out)
+    # never frees its slot nor takes a wake-up: notify passes over it to a live waiter,
+    # and a full table of dead waiters makes room for a live one.
+    with shc.zeros(1, np.int64) as a:
+        _dead_waiters(a, dead)
+        got = []
+        live = threading.Thread(target=lambda: got.append(at.wait(a.array, 0, 0, BOUND)))
+        live.start()
+        until(lambda: at.waiters(a, 0) == 1, "the live waiter parked")
+        assert at.notify(a, 0, 1) == 1
+        live.join(BOUND)
+        assert got == [at.OK]
+        assert at.notify(a, 0) == 0  # and no dead slot is left to 'wake'
+
+
 # --- across processes ----------------------------------------------------------------
 ROUNDS = 10_000
 
