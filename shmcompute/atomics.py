@@ -357,10 +357,14 @@ def notify(arr: Any, index: int, count: int = ALL) -> int:
     """
     if type(arr) is not np.ndarray:
         arr = _as_ndarray(arr)
+    if type(count) is not int and (isinstance(count, bool) or not isinstance(count, np.integer)):
+        raise ArgumentTypeError(
+            f"notify: count must be an int (or ALL), got {type(count).__name__} {count!r}"
+        )
     try:
         code = _notify_impl(arr, index, count)
     except Exception as e:
-        if isinstance(count, (int, np.integer)) and not isinstance(count, bool) and count < 0:
+        if count < 0:
             raise ArgumentError(f"notify: count must be >= 0 (or ALL), got {count}") from None
         raise _fail("notify", arr, index, (), True, e) from None
     _raise_code("notify", code)
@@ -428,7 +432,10 @@ def _ov_wait(arr, index, expected, timeout=None):
     if timeout is None or isinstance(timeout, (types.NoneType, types.Omitted)):
 
         def wait_forever(arr, index, expected, timeout=None):
-            return _wait_impl(arr, index, expected, -1, False)
+            code = _wait_impl(arr, index, expected, -1, False)
+            if code < 0:
+                raise RuntimeError("shmcompute.atomics.wait: wait table full or abandoned")
+            return code
 
         return wait_forever
     if not isinstance(timeout, (types.Integer, types.Float)):
@@ -451,6 +458,12 @@ def _ov_wait(arr, index, expected, timeout=None):
 
 @overload(notify, jit_options=_JIT)
 def _ov_notify(arr, index, count=ALL):
+    # (count is the default itself, ALL, when the call leaves it out)
+    if not isinstance(count, (types.Integer, types.Omitted, int)) or isinstance(
+        count, (types.Boolean, bool)
+    ):
+        raise TypingError(f"shmcompute.atomics.notify: count must be an integer, got {count}")
+
     def notify_impl(arr, index, count=ALL):
         code = _notify_impl(arr, index, count)
         if code < 0:

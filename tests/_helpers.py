@@ -72,6 +72,11 @@ def kernel_wait(ctrl, index, expected, timeout):
 
 
 @njit(nogil=True, cache=True)
+def kernel_wait_forever(ctrl, index, expected):
+    return at.wait(ctrl, index, expected)
+
+
+@njit(nogil=True, cache=True)
 def kernel_notify(ctrl, index, count):
     return at.notify(ctrl, index, count)
 

@@ -11,6 +11,7 @@ from concurrent.futures import ProcessPoolExecutor
 
 import numpy as np
 import pytest
+from numba.core.errors import TypingError
 
 import shmcompute as shc
 import shmcompute.atomics as at
@@ -141,6 +142,16 @@ def test_kernel_wait_woken_from_python_and_python_from_kernel(slots):
     assert got == [at.OK, at.OK]
 
 
+@pytest.mark.parametrize("count", [1.5, float("nan"), True, "1", None])
+def test_notify_count_must_be_an_integer(slots, count):
+    with pytest.raises(shc.ArgumentTypeError, match="count must be an int"):
+        at.notify(slots, 0, count)
+    assert at.notify(slots, 0, np.int64(1)) == 0  # NumPy integers are integers
+    if isinstance(count, float):
+        with pytest.raises(TypingError, match="count must be an integer"):
+            H.kernel_notify(slots, 0, count)
+
+
 def test_kernel_wait_timeouts():
     arr = np.zeros(2, np.int64)
     assert H.kernel_wait(arr, 0, 1, 1.0) == at.NOT_EQUAL
@@ -184,6 +195,13 @@ def test_wait_table_full_is_a_clear_error():
         until(lambda: at.waiters(a, 0) == L.LOT_NSLOTS, "table filled")
         with pytest.raises(shc.WaitTableFullError, match="waiters already block"):
             at.wait(a, 0, 0, BOUND)
+        # in compiled code too, with or without a timeout (never a code taken for OK)
+        for call in (
+            lambda: H.kernel_wait(a.array, 0, 0, BOUND),
+            lambda: H.kernel_wait_forever(a.array, 0, 0),
+        ):
+            with pytest.raises(RuntimeError, match="wait table full"):
+                call()
         assert at.notify(a, 0) == L.LOT_NSLOTS
         for t in threads:
             t.join(BOUND)
