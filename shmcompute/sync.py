@@ -17,6 +17,7 @@ Example::
 
 from __future__ import annotations
 
+import numbers
 import time
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -40,11 +41,14 @@ __all__ = [
 def _deadline(timeout: float | None) -> float | None:
     if timeout is None:
         return None
-    if not isinstance(timeout, (int, float)) or isinstance(timeout, bool):
+    # Any real number, as atomics.wait takes (np.int64, np.float32, Fraction...); a bool
+    # is a number to Python but almost surely a mistaken ``blocking`` argument.
+    if not isinstance(timeout, numbers.Real) or isinstance(timeout, (bool, np.bool_)):
         raise ArgumentTypeError(f"timeout must be seconds (a number) or None, got {timeout!r}")
-    if not timeout >= 0:
+    t = float(timeout)
+    if not t >= 0:  # also rejects NaN
         raise ArgumentError(f"timeout must be >= 0 seconds or None, got {timeout!r}")
-    return time.monotonic() + timeout
+    return time.monotonic() + t
 
 
 def _remaining(deadline: float | None) -> float | None:

@@ -7,7 +7,9 @@ import pickle
 import threading
 import time
 from concurrent.futures import ProcessPoolExecutor
+from fractions import Fraction
 
+import numpy as np
 import pytest
 
 import shmcompute as shc
@@ -215,3 +217,27 @@ def test_bad_timeouts():
             e.wait(-1)
         with pytest.raises(shc.ArgumentTypeError, match="timeout"):
             e.wait("soon")
+
+
+@pytest.mark.parametrize(
+    "timeout", [np.int64(0), np.float64(0.0), np.float32(0.001), np.uint8(0), Fraction(1, 1000)]
+)
+def test_timeouts_accept_any_real_number(timeout):
+    """The same timeouts atomics.wait takes: NumPy scalars are real numbers too."""
+    with closing(shc.Event()) as e, closing(shc.Semaphore(0)) as s, closing(shc.Barrier(2)) as b:
+        assert e.wait(timeout) is False
+        assert s.acquire(timeout=timeout) is False
+        with pytest.raises(shc.BrokenBarrierError, match="timed out"):
+            b.wait(timeout)
+
+
+@pytest.mark.parametrize("bad", [True, np.bool_(False), "1", 1j])
+def test_timeouts_reject_what_is_not_seconds(bad):
+    with closing(shc.Semaphore(0)) as s, pytest.raises(shc.ArgumentTypeError, match="timeout"):
+        s.acquire(timeout=bad)
+
+
+@pytest.mark.parametrize("bad", [-1, np.float64("nan"), np.int64(-1)])
+def test_timeouts_reject_negative_and_nan(bad):
+    with closing(shc.Event()) as e, pytest.raises(shc.ArgumentError, match=">= 0"):
+        e.wait(bad)
