@@ -23,10 +23,17 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import numpy as np
+from numpy.typing import NDArray
 
 from . import atomics as at
 from .array import SharedArray, SharedArrayHandle
-from .errors import ArgumentError, ArgumentTypeError, BrokenBarrierError, WouldBlock
+from .errors import (
+    ArgumentError,
+    ArgumentTypeError,
+    BrokenBarrierError,
+    ClosedError,
+    WouldBlock,
+)
 
 __all__ = [
     "Barrier",
@@ -73,6 +80,9 @@ class _Shared:
     _kind: ClassVar[str]
     _nslots: ClassVar[int]
     __slots__ = ("_param", "_shared", "_w")
+    _param: int
+    _shared: SharedArray
+    _w: NDArray[np.int64] | None  # the words; None once closed (every use then raises)
 
     def _init_new(self, param: int) -> None:
         self._shared = SharedArray.create(self._nslots, np.int64)
@@ -92,15 +102,38 @@ class _Shared:
         self._param = handle.param
         return self
 
+    def _words(self) -> NDArray[np.int64]:
+        w = self._w
+        if w is None:
+            # Checked by every operation: the view would keep the memory mapped (and
+            # the primitive working) after close(), hiding a use-after-close bug.
+            raise ClosedError(
+                f"this {type(self).__name__} is closed (close() was called in this "
+                "process); keep it open while it is used, or attach its handle again"
+            )
+        return w
+
+    @property
+    def closed(self) -> bool:
+        return self._w is None
+
     @property
     def handle(self) -> SyncHandle:
+        self._words()
         return SyncHandle(self._kind, self._shared.handle, self._param)
 
     def __reduce__(self) -> tuple[Any, tuple[SyncHandle]]:
         return (type(self).attach, (self.handle,))
 
     def close(self) -> None:
-        """Release this object's mapping; the creator's close also frees the memory."""
+        """Release this object's mapping; the creator's close also frees the memory.
+
+        Idempotent; any other use afterwards raises :class:`ClosedError`. Threads of
+        this process already blocked in a wait keep their own reference and finish.
+        """
+        if self._w is None:
+            return
+        self._w = None
         if self._shared.owner:
             self._shared.unlink()
         self._shared.close()
@@ -126,10 +159,9 @@ class Semaphore(_Shared):
         if value < 0:
             raise ArgumentError(f"value must be >= 0, got {value}")
         self._init_new(0)
-        self._w[self._VALUE] = value
+        self._words()[self._VALUE] = value
 
-    def _try_acquire(self) -> bool:
-        w = self._w
+    def _try_acquire(self, w: NDArray[np.int64]) -> bool:
         v = at.load(w, self._VALUE)
         while v > 0:
             seen = at.compare_exchange(w, self._VALUE, v, v - 1)
@@ -140,7 +172,8 @@ class Semaphore(_Shared):
 
     def acquire(self, blocking: bool = True, timeout: float | None = None) -> bool:
         """Take one unit; True on success, False if non-blocking or timed out."""
-        if self._try_acquire():
+        w = self._words()
+        if self._try_acquire(w):
             return True
         if not blocking:
             return False
@@ -148,30 +181,32 @@ class Semaphore(_Shared):
         while True:
             # Sleep only while the value is 0; a release in between makes wait return
             # NOT_EQUAL at once, so no release is missed.
-            r = at.wait(self._w, self._VALUE, 0, _remaining(deadline))
-            if self._try_acquire():
+            r = at.wait(w, self._VALUE, 0, _remaining(deadline))
+            if self._try_acquire(w):
                 return True
             if r == at.TIMED_OUT or (deadline is not None and time.monotonic() >= deadline):
                 return False
 
     def acquire_nowait(self) -> None:
         """Take one unit now or raise :class:`WouldBlock`."""
-        if not self._try_acquire():
+        if not self._try_acquire(self._words()):
             raise WouldBlock("semaphore value is 0")
 
     def release(self, n: int = 1) -> None:
         """Return ``n`` units and wake up to ``n`` waiters."""
+        w = self._words()
         if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
             raise ArgumentError(f"n must be an int >= 1, got {n!r}")
-        at.add(self._w, self._VALUE, n)
-        at.notify(self._w, self._VALUE, n)
+        at.add(w, self._VALUE, n)
+        at.notify(w, self._VALUE, n)
 
     @property
     def value(self) -> int:
-        return at.load(self._w, self._VALUE)
+        return at.load(self._words(), self._VALUE)
 
     def statistics(self) -> SemaphoreStatistics:
-        return SemaphoreStatistics(self.value, at.waiters(self._w, self._VALUE))
+        w = self._words()
+        return SemaphoreStatistics(at.load(w, self._VALUE), at.waiters(w, self._VALUE))
 
     def __enter__(self) -> Semaphore:
         self.acquire()
@@ -181,6 +216,8 @@ class Semaphore(_Shared):
         self.release()
 
     def __repr__(self) -> str:
+        if self.closed:
+            return "<shmcompute.Semaphore closed>"
         return f"<shmcompute.Semaphore value={self.value}>"
 
 
@@ -202,28 +239,33 @@ class Event(_Shared):
         self._init_new(0)
 
     def set(self) -> None:
-        at.store(self._w, self._FLAG, 1)
-        at.notify(self._w, self._FLAG)
+        w = self._words()
+        at.store(w, self._FLAG, 1)
+        at.notify(w, self._FLAG)
 
     def clear(self) -> None:
-        at.store(self._w, self._FLAG, 0)
+        at.store(self._words(), self._FLAG, 0)
 
     def is_set(self) -> bool:
         """The non-blocking twin of :meth:`wait`."""
-        return at.load(self._w, self._FLAG) == 1
+        return at.load(self._words(), self._FLAG) == 1
 
     def wait(self, timeout: float | None = None) -> bool:
         """Block until set; True if set, False on timeout."""
+        w = self._words()
         deadline = _deadline(timeout)
-        while not self.is_set():
-            if at.wait(self._w, self._FLAG, 0, _remaining(deadline)) == at.TIMED_OUT:
-                return self.is_set()
+        while not at.load(w, self._FLAG):
+            if at.wait(w, self._FLAG, 0, _remaining(deadline)) == at.TIMED_OUT:
+                return at.load(w, self._FLAG) == 1
         return True
 
     def statistics(self) -> EventStatistics:
-        return EventStatistics(self.is_set(), at.waiters(self._w, self._FLAG))
+        w = self._words()
+        return EventStatistics(at.load(w, self._FLAG) == 1, at.waiters(w, self._FLAG))
 
     def __repr__(self) -> str:
+        if self.closed:
+            return "<shmcompute.Event closed>"
         return f"<shmcompute.Event set={self.is_set()}>"
 
 
@@ -266,7 +308,7 @@ class Barrier(_Shared):
         return self._param
 
     def wait(self, timeout: float | None = None) -> int:
-        w = self._w
+        w = self._words()
         gen = at.load(w, self._GEN)
         if gen & 1:
             raise BrokenBarrierError("the barrier is broken; reset() it first")
@@ -294,7 +336,7 @@ class Barrier(_Shared):
 
     def abort(self) -> None:
         """Break the barrier: current and later waiters raise BrokenBarrierError."""
-        w = self._w
+        w = self._words()
         gen = at.load(w, self._GEN)
         while not gen & 1:
             seen = at.compare_exchange(w, self._GEN, gen, gen + 1)
@@ -306,22 +348,24 @@ class Barrier(_Shared):
     def reset(self) -> None:
         """Break it for current waiters, then make it usable again, empty."""
         self.abort()
-        w = self._w
+        w = self._words()
         at.store(w, self._COUNT, 0)
         gen = at.load(w, self._GEN)
         at.compare_exchange(w, self._GEN, gen, gen + 3)  # odd -> even: working again
 
     @property
     def broken(self) -> bool:
-        return bool(at.load(self._w, self._GEN) & 1)
+        return bool(at.load(self._words(), self._GEN) & 1)
 
     @property
     def n_waiting(self) -> int:
-        return 0 if self.broken else at.load(self._w, self._COUNT)
+        return 0 if self.broken else at.load(self._words(), self._COUNT)
 
     def statistics(self) -> BarrierStatistics:
-        gen = at.load(self._w, self._GEN)
+        gen = at.load(self._words(), self._GEN)
         return BarrierStatistics(self.parties, self.n_waiting, bool(gen & 1), gen)
 
     def __repr__(self) -> str:
+        if self.closed:
+            return f"<shmcompute.Barrier parties={self.parties} closed>"
         return f"<shmcompute.Barrier parties={self.parties} waiting={self.n_waiting}>"

@@ -241,3 +241,57 @@ def test_timeouts_reject_what_is_not_seconds(bad):
 def test_timeouts_reject_negative_and_nan(bad):
     with closing(shc.Event()) as e, pytest.raises(shc.ArgumentError, match=">= 0"):
         e.wait(bad)
+
+
+# --- use after close -----------------------------------------------------------------
+USES_AFTER_CLOSE = {
+    "semaphore": (
+        lambda: shc.Semaphore(1),
+        [
+            lambda s: s.acquire(timeout=0.1),
+            lambda s: s.acquire(blocking=False),
+            lambda s: s.acquire_nowait(),
+            lambda s: s.release(),
+            lambda s: s.value,
+            lambda s: s.statistics(),
+            lambda s: s.__enter__(),
+        ],
+    ),
+    "event": (
+        shc.Event,
+        [
+            lambda e: e.set(),
+            lambda e: e.clear(),
+            lambda e: e.is_set(),
+            lambda e: e.wait(0.1),
+            lambda e: e.statistics(),
+        ],
+    ),
+    "barrier": (
+        lambda: shc.Barrier(1),
+        [
+            lambda b: b.wait(0.1),
+            lambda b: b.abort(),
+            lambda b: b.reset(),
+            lambda b: b.broken,
+            lambda b: b.n_waiting,
+            lambda b: b.statistics(),
+        ],
+    ),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(USES_AFTER_CLOSE))
+@pytest.mark.parametrize("attached", [False, True], ids=["creator", "attacher"])
+def test_every_use_after_close_raises_closed_error(kind, attached):
+    make, uses = USES_AFTER_CLOSE[kind]
+    with closing(make()) as creator:
+        obj = pickle.loads(pickle.dumps(creator)) if attached else creator
+        obj.close()
+        obj.close()  # idempotent
+        assert obj.closed and "closed" in repr(obj)
+        for use in [*uses, lambda o: o.handle, pickle.dumps]:
+            with pytest.raises(shc.ClosedError, match=f"this {type(obj).__name__} is closed"):
+                use(obj)
+        if attached:  # an attacher's close leaves the creator's object working
+            assert not creator.closed and creator.statistics()
