@@ -231,9 +231,13 @@ class Event(_Shared):
     """A flag that threads and processes wait for (like ``threading.Event``)."""
 
     _kind = "event"
-    _nslots = 1
+    _nslots = 2
     __slots__ = ()
+    # _FLAG is 1 while set. _GEN counts set() calls: waiters sleep on it, so a waiter
+    # woken by a set() that a clear() already undid still knows it was set, as with
+    # threading.Event (whose set() hands each waiter its answer).
     _FLAG = 0
+    _GEN = 1
 
     def __init__(self) -> None:
         self._init_new(0)
@@ -241,7 +245,8 @@ class Event(_Shared):
     def set(self) -> None:
         w = self._words()
         at.store(w, self._FLAG, 1)
-        at.notify(w, self._FLAG)
+        at.add(w, self._GEN, 1)  # after the flag: a waiter that sees the new gen is done
+        at.notify(w, self._GEN)
 
     def clear(self) -> None:
         at.store(self._words(), self._FLAG, 0)
@@ -251,17 +256,22 @@ class Event(_Shared):
         return at.load(self._words(), self._FLAG) == 1
 
     def wait(self, timeout: float | None = None) -> bool:
-        """Block until set; True if set, False on timeout."""
+        """Block until set; True if set (even if cleared again since), False on timeout."""
         w = self._words()
         deadline = _deadline(timeout)
-        while not at.load(w, self._FLAG):
-            if at.wait(w, self._FLAG, 0, _remaining(deadline)) == at.TIMED_OUT:
-                return at.load(w, self._FLAG) == 1
-        return True
+        # The generation is read before the flag: a set() after this read either shows
+        # in the flag or moves the generation, so a set(); clear() pulse while we sleep
+        # (or before we sleep) still returns True. Waiting on the flag instead, the
+        # woken waiter found it cleared and slept again.
+        gen = at.load(w, self._GEN)
+        while not at.load(w, self._FLAG) and at.load(w, self._GEN) == gen:
+            if at.wait(w, self._GEN, gen, _remaining(deadline)) == at.TIMED_OUT:
+                break
+        return at.load(w, self._FLAG) == 1 or at.load(w, self._GEN) != gen
 
     def statistics(self) -> EventStatistics:
         w = self._words()
-        return EventStatistics(at.load(w, self._FLAG) == 1, at.waiters(w, self._FLAG))
+        return EventStatistics(at.load(w, self._FLAG) == 1, at.waiters(w, self._GEN))
 
     def __repr__(self) -> str:
         if self.closed:

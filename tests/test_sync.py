@@ -13,6 +13,8 @@ import numpy as np
 import pytest
 
 import shmcompute as shc
+import shmcompute.atomics as at
+from shmcompute import sync
 from shmcompute.sync import BarrierStatistics, EventStatistics, SemaphoreStatistics
 from tests import _helpers as H
 from tests.test_wait import BOUND, until
@@ -22,6 +24,18 @@ from tests.test_wait import BOUND, until
 def pool():
     with ProcessPoolExecutor(2, mp_context=mp.get_context("forkserver")) as ex:
         yield ex
+
+
+class HookedAtomics:
+    """What sync sees as ``shmcompute.atomics``, with some functions replaced: a test
+    installs it (monkeypatch ``sync.at``) to force one interleaving of two callers at a
+    chosen step, instead of hoping a sleep produces it."""
+
+    def __init__(self, **hooks):
+        self._hooks = hooks
+
+    def __getattr__(self, name):
+        return self._hooks[name] if name in self._hooks else getattr(at, name)
 
 
 def closing(obj):
@@ -120,6 +134,37 @@ def test_event_wakes_every_waiter_threads_and_processes(pool):
             t.join(BOUND)
         assert got == [True] * 3
         assert [f.result(BOUND) for f in futs] == [True, True]
+
+
+def test_event_wait_returns_true_after_a_set_clear_pulse(monkeypatch):
+    """threading.Event.wait returns True when set() and clear() both happen while it
+    waits. The worst case is forced: clear() lands between set()'s store and its notify,
+    so the woken waiter finds the flag already cleared."""
+    with closing(shc.Event()) as e:
+        got: list[bool] = []
+        t = threading.Thread(target=lambda: got.append(e.wait(BOUND)))
+        t.start()
+        until(lambda: e.statistics().waiters == 1, "waiter parked")
+
+        def notify(arr, index, count=at.ALL):
+            e.clear()  # another thread's clear(), just before set() notifies
+            return at.notify(arr, index, count)
+
+        monkeypatch.setattr(sync, "at", HookedAtomics(notify=notify))
+        e.set()
+        monkeypatch.undo()
+        t.join(BOUND)
+        assert got == [True] and not e.is_set()
+
+
+def test_event_set_clear_pulse_wakes_a_waiting_process(pool):
+    with closing(shc.Event()) as e:
+        fut = pool.submit(H.child_sync, "event", e, BOUND)
+        until(lambda: e.statistics().waiters == 1, "child parked")
+        e.set()
+        e.clear()
+        assert fut.result(BOUND) is True
+        assert not e.is_set() and not pool.submit(H.child_sync, "event", e, 0.01).result(BOUND)
 
 
 # --- Barrier -------------------------------------------------------------------------
