@@ -241,9 +241,182 @@ def test_barrier_reset_breaks_current_waiters():
         t.join(BOUND)
 
 
-def test_barrier_bad_parties():
+def parked(b) -> int:
+    """Threads and processes asleep in ``b`` (on whichever of its words)."""
+    return sum(at.waiters(b._w, i) for i in range(len(b._w)))
+
+
+def pause_first_load(request, monkeypatch, thread_name):
+    """Stop the named thread right after its first atomic load in sync (a Barrier.wait
+    reads the barrier's state there, then counts itself in) until ``go`` is set."""
+    read, go = threading.Event(), threading.Event()
+    request.addfinalizer(go.set)  # a failed assertion must not leave the thread held
+
+    def load(arr, index):
+        value = at.load(arr, index)
+        if threading.current_thread().name == thread_name and not read.is_set():
+            read.set()
+            assert go.wait(BOUND), "the test never let the paused party go on"
+        return value
+
+    monkeypatch.setattr(sync, "at", HookedAtomics(load=load))
+    return read, go
+
+
+def barrier_party(b, name, got):
+    def run():
+        try:
+            got[name] = b.wait(BOUND)
+        except shc.BrokenBarrierError as e:
+            got[name] = e
+
+    return threading.Thread(target=run, name=name)
+
+
+def test_barrier_late_caller_counts_into_the_next_round(request, monkeypatch):
+    """A third caller of Barrier(2) that read the state just before the other two
+    passed must wait for the next round. It used to count itself into the finished
+    round: it passed alone and left a count of 1, so the next lone wait() passed too."""
+    with closing(shc.Barrier(2)) as b:
+        read, go = pause_first_load(request, monkeypatch, "late")
+        got: dict = {}
+        late = barrier_party(b, "late", got)
+        late.start()
+        assert read.wait(BOUND)  # late has read generation 0, not yet counted itself
+        pair = [barrier_party(b, n, got) for n in ("A", "B")]
+        for t in pair:
+            t.start()
+        for t in pair:
+            t.join(BOUND)
+        assert sorted([got["A"], got["B"]]) == [0, 1]  # generation 0 passed without late
+        go.set()
+        until(lambda: parked(b) == 1 or not late.is_alive(), "late parked or returned")
+        assert "late" not in got, f"the late caller passed alone: {got['late']!r}"
+        assert b.n_waiting == 1
+        assert b.wait(BOUND) == 1  # the partner late waits for
+        late.join(BOUND)
+        assert got["late"] == 0
+        assert b.statistics() == BarrierStatistics(2, 0, False, 4)
+
+
+def test_barrier_reset_while_a_party_arrives(request, monkeypatch):
+    """reset() between a party reading the state and counting itself: the party counts
+    into the new generation and waits for a partner there. It used to raise
+    BrokenBarrierError and leave its count behind, so one party then passed alone."""
+    with closing(shc.Barrier(2)) as b:
+        read, go = pause_first_load(request, monkeypatch, "arriving")
+        got: dict = {}
+        t = barrier_party(b, "arriving", got)
+        t.start()
+        assert read.wait(BOUND)
+        b.reset()
+        go.set()
+        until(lambda: parked(b) == 1 or not t.is_alive(), "party parked or returned")
+        assert "arriving" not in got, f"the arriving party returned: {got['arriving']!r}"
+        assert b.n_waiting == 1 and not b.broken
+        assert b.wait(BOUND) == 1
+        t.join(BOUND)
+        assert got["arriving"] == 0
+        assert b.statistics() == BarrierStatistics(2, 0, False, 6)  # reset: +4, pass: +2
+        with pytest.raises(shc.BrokenBarrierError, match="timed out"):
+            b.wait(0)  # a lone party on Barrier(2) never passes
+
+
+def test_barrier_timeout_that_loses_to_the_pass_does_not_break(request, monkeypatch):
+    """A party whose wait times out just as the last party opens the barrier has
+    passed: it returns its index and the next round is not broken."""
+    with closing(shc.Barrier(2)) as b:
+        timed_out, go = threading.Event(), threading.Event()
+        request.addfinalizer(go.set)
+
+        def wait(arr, index, expected, timeout=None):
+            if threading.current_thread().name == "slow" and not timed_out.is_set():
+                timed_out.set()
+                assert go.wait(BOUND)
+                return at.TIMED_OUT
+            return at.wait(arr, index, expected, timeout)
+
+        monkeypatch.setattr(sync, "at", HookedAtomics(wait=wait))
+        got: dict = {}
+        slow = barrier_party(b, "slow", got)
+        slow.start()
+        assert timed_out.wait(BOUND)
+        assert b.wait(BOUND) == 1  # opens the barrier while "slow" is timing out
+        go.set()
+        slow.join(BOUND)
+        assert got["slow"] == 0 and not b.broken
+        assert b.statistics() == BarrierStatistics(2, 0, False, 2)
+
+
+def test_barrier_next_round_waits_for_a_released_party_to_look(request, monkeypatch):
+    """Barrier(2): A waits, B opens the barrier, and A is held right after its wake-up,
+    before it looks. Two more callers must not pass the next round meanwhile: A would
+    then see generation 4 instead of 2 and raise BrokenBarrierError although it passed."""
+    with closing(shc.Barrier(2)) as b:
+        woken, go = threading.Event(), threading.Event()
+        request.addfinalizer(go.set)
+
+        def wait(arr, index, expected, timeout=None):
+            r = at.wait(arr, index, expected, timeout)
+            if threading.current_thread().name == "A" and not woken.is_set():
+                woken.set()
+                assert go.wait(BOUND)
+            return r
+
+        monkeypatch.setattr(sync, "at", HookedAtomics(wait=wait))
+        got: dict = {}
+        a = barrier_party(b, "A", got)
+        a.start()
+        until(lambda: parked(b) == 1, "A parked")
+        assert b.wait(BOUND) == 1  # B: opens generation 0
+        assert woken.wait(BOUND)  # A is awake but has not looked
+        later = [barrier_party(b, n, got) for n in ("C", "D")]
+        for t in later:
+            t.start()
+        until(lambda: parked(b) == 2 or not all(t.is_alive() for t in later), "C, D")
+        assert "C" not in got and "D" not in got, got  # they wait for A to leave
+        go.set()
+        for t in (a, *later):
+            t.join(BOUND)
+        assert got["A"] == 0 and sorted([got["C"], got["D"]]) == [0, 1], got
+        assert b.statistics() == BarrierStatistics(2, 0, False, 4)
+
+
+def test_barrier_more_callers_than_parties_pair_up():
+    """3 threads call wait() on Barrier(2) over and over: every wait passes with exactly
+    one partner (a party released late is not mistaken for broken when the next round
+    passes first) until abort() ends it."""
+    with closing(shc.Barrier(2)) as b:
+        got: list = []  # arrival indices, then one error per thread
+
+        def party():
+            while True:
+                try:
+                    got.append(b.wait(BOUND))
+                except shc.BrokenBarrierError as e:
+                    got.append(e)
+                    return
+
+        threads = [threading.Thread(target=party) for _ in range(3)]
+        for t in threads:
+            t.start()
+        until(lambda: b.statistics().generation >= 2 * 300, "300 passes")
+        b.abort()
+        for t in threads:
+            t.join(BOUND)
+        passes = b.statistics().generation // 2  # abort added 1
+        errors = [e for e in got if isinstance(e, Exception)]
+        assert len(errors) == 3 and not any("timed out" in str(e) for e in errors), errors
+        assert got.count(1) == passes  # the last arriver of each round
+        # the party released by the last pass may see the abort before it looked, and
+        # raise, as in threading.Barrier
+        assert passes - 1 <= got.count(0) <= passes
+
+
+@pytest.mark.parametrize("bad", [0, -1, 2**21 + 1])
+def test_barrier_bad_parties(bad):
     with pytest.raises(shc.ArgumentError, match="parties"):
-        shc.Barrier(0)
+        shc.Barrier(bad)
 
 
 def test_attach_checks_the_kind():
