@@ -507,7 +507,9 @@ class SharedArray:
         return self._state.detached
 
     def __len__(self) -> int:
-        return self._handle.shape[0] if self._handle.shape else 0
+        if not self._handle.shape:
+            raise TypeError("len() of unsized object")  # what NumPy says for a 0-d array
+        return self._handle.shape[0]
 
     def __array__(self, dtype: DTypeLike | None = None, copy: bool | None = None) -> NDArray[Any]:
         arr = self.array

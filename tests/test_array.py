@@ -58,6 +58,18 @@ def test_empty_and_scalar_shapes(shape):
         b.close()
 
 
+def test_len_matches_numpy():
+    for shape in [(3, 2), (0,), ()]:
+        with shc.zeros(shape) as a:
+            if shape:
+                assert len(a) == len(a.array) == shape[0]
+            else:
+                with pytest.raises(TypeError, match="unsized object"):
+                    len(a.array)  # NumPy
+                with pytest.raises(TypeError, match="unsized object"):
+                    len(a)
+
+
 def test_int_shape_and_numpy_int_shape():
     with shc.zeros(np.int64(4)) as a:
         assert a.shape == (4,) and len(a) == 4
