@@ -186,6 +186,21 @@ def _tracker_unregister(name: str) -> None:
 
 
 # --- argument checks ----------------------------------------------------------------
+def _numpy_max_ndim() -> int:
+    """NumPy's limit on array dimensions (64 since NumPy 2, 32 before). NumPy has no
+    public constant for it, so ask NumPy itself (two tiny allocations, once)."""
+    for n in (64, 32):
+        try:
+            np.empty((0,) * n, np.uint8)
+        except ValueError:
+            continue
+        return n
+    return 32  # pragma: no cover - NumPy has allowed 32 forever
+
+
+_MAX_NDIM = _numpy_max_ndim()
+
+
 def _check_dtype(dtype: DTypeLike) -> np.dtype[Any]:
     try:
         dt = np.dtype(dtype)
@@ -200,6 +215,15 @@ def _check_dtype(dtype: DTypeLike) -> np.dtype[Any]:
         raise ArgumentTypeError(
             f"dtype {dt} has no size; give flexible dtypes a length, e.g. 'S16' or 'U8'"
         )
+    if dt.subdtype is not None:
+        # NumPy turns the subarray into extra dimensions of the array, so the array's
+        # dtype and shape would not be what the handle says.
+        base, sub = dt.subdtype
+        raise ArgumentTypeError(
+            f"dtype {dt} is a subarray dtype; put its shape {sub} at the end of the "
+            f"array's shape and use dtype {base} (a structured dtype may hold subarray "
+            "fields)"
+        )
     return dt
 
 
@@ -212,6 +236,10 @@ def _check_shape(shape: int | Iterable[int]) -> tuple[int, ...]:
     for d in out:
         if d < 0:
             raise ArgumentError(f"shape must not have negative dimensions, got {out}")
+    if len(out) > _MAX_NDIM:
+        raise ArgumentError(
+            f"shape has {len(out)} dimensions; NumPy arrays have at most {_MAX_NDIM}"
+        )
     return out
 
 
@@ -385,11 +413,26 @@ class SharedArray:
             _posixshmem.shm_unlink("/" + name)
             raise
         os.close(fd)
-        _write_header(mm, nbytes, pid, start)
-        _tracker_register(name)
-        _track_mapping(mm)
+        registered = False
+        try:
+            _write_header(mm, nbytes, pid, start)
+            _tracker_register(name)
+            registered = True
+            _track_mapping(mm)
+            view = _view(mm, dims, dt)
+        except BaseException:
+            # The segment exists but no SharedArray owns it yet, so nothing would ever
+            # unlink it (the arguments were checked above: an interrupt or an OS error).
+            _unlink_quietly(name)
+            if registered:
+                _tracker_unregister(name)
+            try:
+                mm.close()
+            except BufferError:  # a frame of the traceback holds a view: freed with it
+                pass
+            raise
         handle = SharedArrayHandle(name, dims, dt)
-        return cls._new(_State(name, mm, _view(mm, dims, dt), owner=True), handle)
+        return cls._new(_State(name, mm, view, owner=True), handle)
 
     @classmethod
     def attach(cls, handle: SharedArrayHandle, *, readonly: bool = False) -> SharedArray:
@@ -434,17 +477,25 @@ class SharedArray:
             mm = mmap.mmap(fd, size)
         finally:
             os.close(fd)
-        owner = False
-        if handle.transfer_token:
-            _claim_transfer(mm, handle)
-            owner = True
+        # Everything that can fail comes before the claim: a transfer handle whose
+        # attach failed there is still unclaimed, and can be attached again.
         _track_mapping(mm)
         view = _view(mm, handle.shape, handle.dtype)
         if readonly:
             view.flags.writeable = False
+        owner = False
+        if handle.transfer_token:
+            _claim_transfer(mm, handle)
+            try:
+                _tracker_register(name)
+            except BaseException:
+                # The claim made this process the owner and it cannot finish taking the
+                # segment over: unlink it, as create does. (Handing ownership back, by
+                # restoring the token, would leave it to a sender that may be gone.)
+                _unlink_quietly(name)
+                raise
+            owner = True
         state = _State(name, mm, view, owner=owner)
-        if owner:
-            _tracker_register(name)
         return cls._new(state, SharedArrayHandle(name, handle.shape, handle.dtype))
 
     # --- access ---------------------------------------------------------------------
@@ -602,6 +653,13 @@ class SharedArray:
             else ("owner" if self.owner else "attached")
         )
         return f"<SharedArray {st.name} shape={self.shape} dtype={self.dtype} {flags}>"
+
+
+def _unlink_quietly(name: str) -> None:
+    try:
+        _posixshmem.shm_unlink("/" + name)
+    except FileNotFoundError:
+        pass  # removed from outside (reap, rm) meanwhile
 
 
 def _claim_transfer(mm: mmap.mmap, handle: SharedArrayHandle) -> None:

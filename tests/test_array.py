@@ -247,6 +247,9 @@ def test_attacher_cannot_transfer():
         ((2.5,), "f8", shc.ArgumentTypeError, "shape must be"),
         (1 << 45, "f8", shc.SegmentTooLargeError, "does not fit"),
         ((1 << 40, 1 << 40), "f8", shc.ArgumentError, "too large"),
+        (2, np.dtype(("i4", (3,))), shc.ArgumentTypeError, r"dtype .* is a subarray dtype"),
+        ((1,) * 70, "i8", shc.ArgumentError, "shape has 70 dimensions"),
+        ((1,) * 65, "u1", shc.ArgumentError, "at most 64"),
     ],
 )
 def test_bad_create_arguments(shape, dtype, exc, match):
@@ -254,6 +257,55 @@ def test_bad_create_arguments(shape, dtype, exc, match):
     with pytest.raises(exc, match=match):
         SharedArray.create(shape, dtype)
     assert set(os.listdir(SHM_DIR)) == before  # nothing half-made is left behind
+
+
+def test_most_dimensions_numpy_allows():
+    with shc.zeros((1,) * array_mod._MAX_NDIM, "u1") as a:
+        assert a.array.ndim == array_mod._MAX_NDIM
+    with shc.zeros(2, [("xyz", "f4", (3,))]) as a:  # subarray fields are fine
+        assert a.array["xyz"].shape == (2, 3)
+
+
+class Boom(Exception):
+    pass
+
+
+@pytest.mark.parametrize("step", ["_write_header", "_tracker_register", "_track_mapping", "_view"])
+def test_create_that_fails_after_the_segment_exists_removes_it(monkeypatch, step):
+    def fail(*args):
+        raise Boom(step)
+
+    before = set(os.listdir(SHM_DIR))
+    monkeypatch.setattr(array_mod, step, fail)
+    with pytest.raises(Boom):
+        SharedArray.create(4, "f8")
+    assert set(os.listdir(SHM_DIR)) == before
+
+
+def test_transfer_attach_that_fails_before_the_claim_can_be_retried(monkeypatch):
+    a = shc.zeros(4, "i8")
+    a.array[:] = 5
+    h = a.transfer()
+    with monkeypatch.context() as m:
+        m.setattr(array_mod, "_view", lambda *args: (_ for _ in ()).throw(Boom()))
+        with pytest.raises(Boom):
+            SharedArray.attach(h)
+    b = SharedArray.attach(h)  # the handle was not used up by the failed attach
+    assert b.owner and b.array.sum() == 20
+    b.unlink()
+    b.close()
+
+
+def test_transfer_attach_that_fails_after_the_claim_unlinks(monkeypatch):
+    """Once claimed, the receiver owns the segment: if it cannot finish attaching, it
+    must free it rather than leave it to nobody."""
+    a = shc.zeros(4, "i8")
+    name = a.name
+    h = a.transfer()
+    monkeypatch.setattr(array_mod, "_tracker_register", lambda name: (_ for _ in ()).throw(Boom()))
+    with pytest.raises(Boom):
+        SharedArray.attach(h)
+    assert not exists(name)
 
 
 def test_too_large_is_a_memory_error_naming_the_fix():
