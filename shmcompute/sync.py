@@ -17,15 +17,23 @@ Example::
 
 from __future__ import annotations
 
+import numbers
 import time
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import numpy as np
+from numpy.typing import NDArray
 
 from . import atomics as at
 from .array import SharedArray, SharedArrayHandle
-from .errors import ArgumentError, ArgumentTypeError, BrokenBarrierError, WouldBlock
+from .errors import (
+    ArgumentError,
+    ArgumentTypeError,
+    BrokenBarrierError,
+    ClosedError,
+    WouldBlock,
+)
 
 __all__ = [
     "Barrier",
@@ -40,11 +48,14 @@ __all__ = [
 def _deadline(timeout: float | None) -> float | None:
     if timeout is None:
         return None
-    if not isinstance(timeout, (int, float)) or isinstance(timeout, bool):
+    # Any real number, as atomics.wait takes (np.int64, np.float32, Fraction...); a bool
+    # is a number to Python but almost surely a mistaken ``blocking`` argument.
+    if not isinstance(timeout, numbers.Real) or isinstance(timeout, (bool, np.bool_)):
         raise ArgumentTypeError(f"timeout must be seconds (a number) or None, got {timeout!r}")
-    if not timeout >= 0:
+    t = float(timeout)
+    if not t >= 0:  # also rejects NaN
         raise ArgumentError(f"timeout must be >= 0 seconds or None, got {timeout!r}")
-    return time.monotonic() + timeout
+    return time.monotonic() + t
 
 
 def _remaining(deadline: float | None) -> float | None:
@@ -69,6 +80,9 @@ class _Shared:
     _kind: ClassVar[str]
     _nslots: ClassVar[int]
     __slots__ = ("_param", "_shared", "_w")
+    _param: int
+    _shared: SharedArray
+    _w: NDArray[np.int64] | None  # the words; None once closed (every use then raises)
 
     def _init_new(self, param: int) -> None:
         self._shared = SharedArray.create(self._nslots, np.int64)
@@ -88,15 +102,38 @@ class _Shared:
         self._param = handle.param
         return self
 
+    def _words(self) -> NDArray[np.int64]:
+        w = self._w
+        if w is None:
+            # Checked by every operation: the view would keep the memory mapped (and
+            # the primitive working) after close(), hiding a use-after-close bug.
+            raise ClosedError(
+                f"this {type(self).__name__} is closed (close() was called in this "
+                "process); keep it open while it is used, or attach its handle again"
+            )
+        return w
+
+    @property
+    def closed(self) -> bool:
+        return self._w is None
+
     @property
     def handle(self) -> SyncHandle:
+        self._words()
         return SyncHandle(self._kind, self._shared.handle, self._param)
 
     def __reduce__(self) -> tuple[Any, tuple[SyncHandle]]:
         return (type(self).attach, (self.handle,))
 
     def close(self) -> None:
-        """Release this object's mapping; the creator's close also frees the memory."""
+        """Release this object's mapping; the creator's close also frees the memory.
+
+        Idempotent; any other use afterwards raises :class:`ClosedError`. Threads of
+        this process already blocked in a wait keep their own reference and finish.
+        """
+        if self._w is None:
+            return
+        self._w = None
         if self._shared.owner:
             self._shared.unlink()
         self._shared.close()
@@ -122,10 +159,9 @@ class Semaphore(_Shared):
         if value < 0:
             raise ArgumentError(f"value must be >= 0, got {value}")
         self._init_new(0)
-        self._w[self._VALUE] = value
+        self._words()[self._VALUE] = value
 
-    def _try_acquire(self) -> bool:
-        w = self._w
+    def _try_acquire(self, w: NDArray[np.int64]) -> bool:
         v = at.load(w, self._VALUE)
         while v > 0:
             seen = at.compare_exchange(w, self._VALUE, v, v - 1)
@@ -136,7 +172,8 @@ class Semaphore(_Shared):
 
     def acquire(self, blocking: bool = True, timeout: float | None = None) -> bool:
         """Take one unit; True on success, False if non-blocking or timed out."""
-        if self._try_acquire():
+        w = self._words()
+        if self._try_acquire(w):
             return True
         if not blocking:
             return False
@@ -144,30 +181,32 @@ class Semaphore(_Shared):
         while True:
             # Sleep only while the value is 0; a release in between makes wait return
             # NOT_EQUAL at once, so no release is missed.
-            r = at.wait(self._w, self._VALUE, 0, _remaining(deadline))
-            if self._try_acquire():
+            r = at.wait(w, self._VALUE, 0, _remaining(deadline))
+            if self._try_acquire(w):
                 return True
             if r == at.TIMED_OUT or (deadline is not None and time.monotonic() >= deadline):
                 return False
 
     def acquire_nowait(self) -> None:
         """Take one unit now or raise :class:`WouldBlock`."""
-        if not self._try_acquire():
+        if not self._try_acquire(self._words()):
             raise WouldBlock("semaphore value is 0")
 
     def release(self, n: int = 1) -> None:
         """Return ``n`` units and wake up to ``n`` waiters."""
+        w = self._words()
         if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
             raise ArgumentError(f"n must be an int >= 1, got {n!r}")
-        at.add(self._w, self._VALUE, n)
-        at.notify(self._w, self._VALUE, n)
+        at.add(w, self._VALUE, n)
+        at.notify(w, self._VALUE, n)
 
     @property
     def value(self) -> int:
-        return at.load(self._w, self._VALUE)
+        return at.load(self._words(), self._VALUE)
 
     def statistics(self) -> SemaphoreStatistics:
-        return SemaphoreStatistics(self.value, at.waiters(self._w, self._VALUE))
+        w = self._words()
+        return SemaphoreStatistics(at.load(w, self._VALUE), at.waiters(w, self._VALUE))
 
     def __enter__(self) -> Semaphore:
         self.acquire()
@@ -177,6 +216,8 @@ class Semaphore(_Shared):
         self.release()
 
     def __repr__(self) -> str:
+        if self.closed:
+            return "<shmcompute.Semaphore closed>"
         return f"<shmcompute.Semaphore value={self.value}>"
 
 
@@ -190,36 +231,51 @@ class Event(_Shared):
     """A flag that threads and processes wait for (like ``threading.Event``)."""
 
     _kind = "event"
-    _nslots = 1
+    _nslots = 2
     __slots__ = ()
+    # _FLAG is 1 while set. _GEN counts set() calls: waiters sleep on it, so a waiter
+    # woken by a set() that a clear() already undid still knows it was set, as with
+    # threading.Event (whose set() hands each waiter its answer).
     _FLAG = 0
+    _GEN = 1
 
     def __init__(self) -> None:
         self._init_new(0)
 
     def set(self) -> None:
-        at.store(self._w, self._FLAG, 1)
-        at.notify(self._w, self._FLAG)
+        w = self._words()
+        at.store(w, self._FLAG, 1)
+        at.add(w, self._GEN, 1)  # after the flag: a waiter that sees the new gen is done
+        at.notify(w, self._GEN)
 
     def clear(self) -> None:
-        at.store(self._w, self._FLAG, 0)
+        at.store(self._words(), self._FLAG, 0)
 
     def is_set(self) -> bool:
         """The non-blocking twin of :meth:`wait`."""
-        return at.load(self._w, self._FLAG) == 1
+        return at.load(self._words(), self._FLAG) == 1
 
     def wait(self, timeout: float | None = None) -> bool:
-        """Block until set; True if set, False on timeout."""
+        """Block until set; True if set (even if cleared again since), False on timeout."""
+        w = self._words()
         deadline = _deadline(timeout)
-        while not self.is_set():
-            if at.wait(self._w, self._FLAG, 0, _remaining(deadline)) == at.TIMED_OUT:
-                return self.is_set()
-        return True
+        # The generation is read before the flag: a set() after this read either shows
+        # in the flag or moves the generation, so a set(); clear() pulse while we sleep
+        # (or before we sleep) still returns True. Waiting on the flag instead, the
+        # woken waiter found it cleared and slept again.
+        gen = at.load(w, self._GEN)
+        while not at.load(w, self._FLAG) and at.load(w, self._GEN) == gen:
+            if at.wait(w, self._GEN, gen, _remaining(deadline)) == at.TIMED_OUT:
+                break
+        return at.load(w, self._FLAG) == 1 or at.load(w, self._GEN) != gen
 
     def statistics(self) -> EventStatistics:
-        return EventStatistics(self.is_set(), at.waiters(self._w, self._FLAG))
+        w = self._words()
+        return EventStatistics(at.load(w, self._FLAG) == 1, at.waiters(w, self._GEN))
 
     def __repr__(self) -> str:
+        if self.closed:
+            return "<shmcompute.Event closed>"
         return f"<shmcompute.Event set={self.is_set()}>"
 
 
@@ -237,87 +293,171 @@ class Barrier(_Shared):
     ``wait`` returns the arrival index (0 .. parties-1; ``parties - 1`` arrived last).
     A timeout, :meth:`abort` or :meth:`reset` breaks the barrier for everyone waiting:
     they raise :class:`BrokenBarrierError`, and so does every later ``wait`` until
-    :meth:`reset`.
+    :meth:`reset`. More callers than ``parties`` may wait: the extra ones form the next
+    round. As in ``threading.Barrier``, a round starts filling only once every party of
+    the previous one has seen it pass (a party killed in between holds the barrier up
+    until :meth:`reset`).
     """
 
     _kind = "barrier"
-    _nslots = 2
+    _nslots = 1
     __slots__ = ()
-    # _GEN is even while the barrier works and odd once broken. A normal pass adds 2;
-    # abort makes it odd (+1) and reset then adds 3 more. A party waiting at gen g has
-    # passed iff it sees exactly g + 2: the next pass needs that party too, so nothing
-    # else can produce g + 2, and anything else means broken or reset under it.
-    _COUNT = 0
-    _GEN = 1
+    # The whole state is one int64 word, _STATE = gen << 42 | leaving << 21 | count,
+    # changed only by compare-exchange, so a party counts itself into exactly the
+    # generation it saw. (With the count and the generation in two words, a party that
+    # read the generation and then counted itself after that round had passed, or after
+    # a reset, passed alone or left its count in the next round.)
+    # * gen (21 bits, wrapping) is even while the barrier works and odd once broken. A
+    #   pass adds 2, abort adds 1, reset goes from g to the even g + 4 (g + 3 if broken).
+    # * count: parties that arrived at this generation (0 <= count < parties).
+    # * leaving: parties released by the last pass that have not yet seen it. New parties
+    #   wait until it is 0, so a party that arrived at g sees exactly g + 2 iff its round
+    #   passed: the next pass cannot happen before it looked, and any other generation
+    #   means broken or reset (without this, a third caller of a Barrier(2) could pass
+    #   the next round before a released party woke, which then took g + 4 for a break).
+    #   A break or reset zeroes it, so a dead leaver cannot block the next round: a
+    #   released party that had not looked yet then raises BrokenBarrierError, as it
+    #   would in threading.Barrier.
+    _STATE = 0
+    _MASK = (1 << 21) - 1
+    _LEAVING_SHIFT = 21
+    _GEN_SHIFT = 42
+    _MAX_PARTIES = 1 << 21  # count and leaving stay below it
 
     def __init__(self, parties: int) -> None:
         if isinstance(parties, bool) or not isinstance(parties, (int, np.integer)):
             raise ArgumentTypeError(f"parties must be an int, got {type(parties).__name__}")
-        if parties < 1:
-            raise ArgumentError(f"parties must be >= 1, got {parties}")
+        if not 1 <= parties <= self._MAX_PARTIES:
+            raise ArgumentError(f"parties must be >= 1 and <= {self._MAX_PARTIES}, got {parties}")
         self._init_new(int(parties))
+
+    @classmethod
+    def _pack(cls, gen: int, leaving: int = 0) -> int:
+        """The state at the start of generation ``gen``: nobody arrived yet."""
+        return (gen & cls._MASK) << cls._GEN_SHIFT | leaving << cls._LEAVING_SHIFT
 
     @property
     def parties(self) -> int:
         return self._param
 
     def wait(self, timeout: float | None = None) -> int:
-        w = self._w
-        gen = at.load(w, self._GEN)
-        if gen & 1:
-            raise BrokenBarrierError("the barrier is broken; reset() it first")
-        deadline = _deadline(timeout)
-        index = at.add(w, self._COUNT, 1)
-        if index == self.parties - 1:  # last to arrive: open the barrier
-            at.store(w, self._COUNT, 0)
-            if at.compare_exchange(w, self._GEN, gen, gen + 2) != gen:
-                raise BrokenBarrierError("the barrier was broken while parties arrived")
-            at.notify(w, self._GEN)
+        """Block until ``parties`` callers have called ``wait``; returns this caller's
+        arrival index. Raises :class:`BrokenBarrierError` if the barrier is or gets
+        broken (abort, reset, or a timeout here or in another party)."""
+        w = self._words()
+        deadline = _deadline(timeout)  # checked before arriving: a bad timeout counts nothing
+        state = at.load(w, self._STATE)
+        while True:  # arrive: count this party into the generation the CAS confirms
+            gen, index = state >> self._GEN_SHIFT, state & self._MASK
+            if gen & 1:
+                raise BrokenBarrierError("the barrier is broken; reset() it first")
+            if (state >> self._LEAVING_SHIFT) & self._MASK:
+                # The last round's parties are still leaving; the last one notifies.
+                if at.wait(w, self._STATE, state, _remaining(deadline)) == at.TIMED_OUT:
+                    if self._break(w, gen) is not None:
+                        raise BrokenBarrierError(
+                            f"timed out after {timeout} s waiting for the previous round's "
+                            "parties to leave; the barrier is now broken"
+                        )
+                state = at.load(w, self._STATE)
+                continue
+            last = index == self._param - 1
+            new = self._pack(gen + 2, self._param - 1) if last else state + 1
+            seen = at.compare_exchange(w, self._STATE, state, new)
+            if seen == state:
+                break
+            state = seen
+        if last:  # our CAS opened the barrier for this generation
+            at.notify(w, self._STATE)
             return index
+        passed = (gen + 2) & self._MASK
         while True:
-            now = at.load(w, self._GEN)
-            if now != gen:
-                if now == gen + 2:
+            now = at.load(w, self._STATE)
+            if now >> self._GEN_SHIFT != gen:
+                if now >> self._GEN_SHIFT == passed:
+                    self._leave(w, passed)
                     return index
                 raise BrokenBarrierError("the barrier was broken or reset while this party waited")
-            if at.wait(w, self._GEN, gen, _remaining(deadline)) == at.TIMED_OUT:
-                if at.load(w, self._GEN) == gen:
-                    self.abort()
+            # Later arrivals change the word without a notify: wait then returns
+            # NOT_EQUAL and we wait again on the new value. A pass, abort or reset
+            # notifies after its CAS, so none is missed.
+            if at.wait(w, self._STATE, now, _remaining(deadline)) == at.TIMED_OUT:
+                arrived = self._break(w, gen)
+                if arrived is not None:
                     raise BrokenBarrierError(
-                        f"timed out after {timeout} s with {at.load(w, self._COUNT)} of "
-                        f"{self.parties} parties arrived; the barrier is now broken"
+                        f"timed out after {timeout} s with {arrived} of {self._param} "
+                        "parties arrived; the barrier is now broken"
                     )
+                # else the generation moved just as we timed out: the loop says how
+
+    def _leave(self, w: NDArray[np.int64], gen: int) -> None:
+        """Count this released party out of generation ``gen``'s leavers; the last one
+        lets the next round in. A break or reset since then zeroed the count: no-op."""
+        state = at.load(w, self._STATE)
+        while state >> self._GEN_SHIFT == gen:
+            leaving = (state >> self._LEAVING_SHIFT) & self._MASK
+            if not leaving:  # pragma: no cover - only a bug could get here
+                return
+            seen = at.compare_exchange(w, self._STATE, state, state - (1 << self._LEAVING_SHIFT))
+            if seen == state:
+                if leaving == 1:
+                    at.notify(w, self._STATE)
+                return
+            state = seen
+
+    def _break(self, w: NDArray[np.int64], gen: int) -> int | None:
+        """Break generation ``gen`` if it is still current (a timed-out party must not
+        break the next round after a pass it lost the race to). Returns how many parties
+        had arrived, or None if ``gen`` is no longer current."""
+        state = at.load(w, self._STATE)
+        while state >> self._GEN_SHIFT == gen:
+            seen = at.compare_exchange(w, self._STATE, state, self._pack(gen + 1))
+            if seen == state:
+                at.notify(w, self._STATE)
+                return state & self._MASK
+            state = seen
+        return None
 
     def abort(self) -> None:
         """Break the barrier: current and later waiters raise BrokenBarrierError."""
-        w = self._w
-        gen = at.load(w, self._GEN)
-        while not gen & 1:
-            seen = at.compare_exchange(w, self._GEN, gen, gen + 1)
-            if seen == gen:
-                break
-            gen = seen
-        at.notify(w, self._GEN)
+        w = self._words()
+        state = at.load(w, self._STATE)
+        while not (state >> self._GEN_SHIFT) & 1:
+            if self._break(w, state >> self._GEN_SHIFT) is not None:
+                return
+            state = at.load(w, self._STATE)
 
     def reset(self) -> None:
-        """Break it for current waiters, then make it usable again, empty."""
-        self.abort()
-        w = self._w
-        at.store(w, self._COUNT, 0)
-        gen = at.load(w, self._GEN)
-        at.compare_exchange(w, self._GEN, gen, gen + 3)  # odd -> even: working again
+        """Break it for current waiters and make it usable again, empty, in one step.
+
+        A party arriving at the same time counts either in the old generation (and
+        raises BrokenBarrierError) or in the new one (and waits there): never in both.
+        """
+        w = self._words()
+        state = at.load(w, self._STATE)
+        while True:
+            gen = state >> self._GEN_SHIFT
+            new = self._pack(gen + (3 if gen & 1 else 4))
+            seen = at.compare_exchange(w, self._STATE, state, new)
+            if seen == state:
+                break
+            state = seen
+        at.notify(w, self._STATE)
 
     @property
     def broken(self) -> bool:
-        return bool(at.load(self._w, self._GEN) & 1)
+        return self.statistics().broken
 
     @property
     def n_waiting(self) -> int:
-        return 0 if self.broken else at.load(self._w, self._COUNT)
+        return self.statistics().n_waiting
 
     def statistics(self) -> BarrierStatistics:
-        gen = at.load(self._w, self._GEN)
-        return BarrierStatistics(self.parties, self.n_waiting, bool(gen & 1), gen)
+        state = at.load(self._words(), self._STATE)
+        gen = state >> self._GEN_SHIFT
+        return BarrierStatistics(self._param, state & self._MASK, bool(gen & 1), gen)
 
     def __repr__(self) -> str:
+        if self.closed:
+            return f"<shmcompute.Barrier parties={self.parties} closed>"
         return f"<shmcompute.Barrier parties={self.parties} waiting={self.n_waiting}>"

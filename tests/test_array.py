@@ -58,6 +58,18 @@ def test_empty_and_scalar_shapes(shape):
         b.close()
 
 
+def test_len_matches_numpy():
+    for shape in [(3, 2), (0,), ()]:
+        with shc.zeros(shape) as a:
+            if shape:
+                assert len(a) == len(a.array) == shape[0]
+            else:
+                with pytest.raises(TypeError, match="unsized object"):
+                    len(a.array)  # NumPy
+                with pytest.raises(TypeError, match="unsized object"):
+                    len(a)
+
+
 def test_int_shape_and_numpy_int_shape():
     with shc.zeros(np.int64(4)) as a:
         assert a.shape == (4,) and len(a) == 4
@@ -214,6 +226,69 @@ def test_transfer_to_another_process_which_unlinks():
     assert not exists(name)
 
 
+TRANSFERRING_SENDER = textwrap.dedent(
+    """
+    import pickle, sys
+    import shmcompute as shc
+
+    a = shc.zeros(10, "i8")
+    a.array[:] = 3
+    print(pickle.dumps(a.transfer()).hex(), flush=True)
+    sys.stdin.readline()  # the test says when to exit
+    """
+)
+
+
+def _start_sender():
+    proc = subprocess.Popen(
+        [sys.executable, "-c", TRANSFERRING_SENDER],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=ROOT,
+    )
+    return proc, pickle.loads(bytes.fromhex(proc.stdout.readline()))
+
+
+def _let_exit(proc):
+    _, err = proc.communicate(timeout=60)  # closes stdin: the sender exits normally
+    assert proc.returncode == 0, err
+    assert "Traceback" not in err and "leaked" not in err, err
+
+
+def test_transfer_never_attached_is_unlinked_when_the_sender_exits():
+    proc, h = _start_sender()
+    try:
+        assert exists(h.name)  # the handle is waiting for a receiver...
+    finally:
+        _let_exit(proc)
+    assert not exists(h.name)  # ...that never came: the sender's exit freed it
+    with pytest.raises(shc.SegmentNotFoundError):
+        SharedArray.attach(h)
+
+
+def test_transfer_claimed_survives_the_senders_exit():
+    proc, h = _start_sender()
+    try:
+        b = SharedArray.attach(h)  # claims it: this process owns it now
+    finally:
+        _let_exit(proc)
+    assert exists(h.name) and b.owner and b.array.sum() == 30
+    b.unlink()
+    b.close()
+    assert not exists(h.name)
+
+
+def test_a_long_lived_sender_forgets_claimed_transfers():
+    for _ in range(3 * 64):
+        h = shc.zeros(1, "u1").transfer()
+        b = SharedArray.attach(h)
+        b.unlink()
+        b.close()
+    assert len(array_mod._pending) < 64
+
+
 def test_attacher_cannot_transfer():
     with shc.zeros(4) as a:
         b = SharedArray.attach(a.handle)
@@ -235,6 +310,9 @@ def test_attacher_cannot_transfer():
         ((2.5,), "f8", shc.ArgumentTypeError, "shape must be"),
         (1 << 45, "f8", shc.SegmentTooLargeError, "does not fit"),
         ((1 << 40, 1 << 40), "f8", shc.ArgumentError, "too large"),
+        (2, np.dtype(("i4", (3,))), shc.ArgumentTypeError, r"dtype .* is a subarray dtype"),
+        ((1,) * 70, "i8", shc.ArgumentError, "shape has 70 dimensions"),
+        ((1,) * 65, "u1", shc.ArgumentError, "at most 64"),
     ],
 )
 def test_bad_create_arguments(shape, dtype, exc, match):
@@ -242,6 +320,55 @@ def test_bad_create_arguments(shape, dtype, exc, match):
     with pytest.raises(exc, match=match):
         SharedArray.create(shape, dtype)
     assert set(os.listdir(SHM_DIR)) == before  # nothing half-made is left behind
+
+
+def test_most_dimensions_numpy_allows():
+    with shc.zeros((1,) * array_mod._MAX_NDIM, "u1") as a:
+        assert a.array.ndim == array_mod._MAX_NDIM
+    with shc.zeros(2, [("xyz", "f4", (3,))]) as a:  # subarray fields are fine
+        assert a.array["xyz"].shape == (2, 3)
+
+
+class Boom(Exception):
+    pass
+
+
+@pytest.mark.parametrize("step", ["_write_header", "_tracker_register", "_track_mapping", "_view"])
+def test_create_that_fails_after_the_segment_exists_removes_it(monkeypatch, step):
+    def fail(*args):
+        raise Boom(step)
+
+    before = set(os.listdir(SHM_DIR))
+    monkeypatch.setattr(array_mod, step, fail)
+    with pytest.raises(Boom):
+        SharedArray.create(4, "f8")
+    assert set(os.listdir(SHM_DIR)) == before
+
+
+def test_transfer_attach_that_fails_before_the_claim_can_be_retried(monkeypatch):
+    a = shc.zeros(4, "i8")
+    a.array[:] = 5
+    h = a.transfer()
+    with monkeypatch.context() as m:
+        m.setattr(array_mod, "_view", lambda *args: (_ for _ in ()).throw(Boom()))
+        with pytest.raises(Boom):
+            SharedArray.attach(h)
+    b = SharedArray.attach(h)  # the handle was not used up by the failed attach
+    assert b.owner and b.array.sum() == 20
+    b.unlink()
+    b.close()
+
+
+def test_transfer_attach_that_fails_after_the_claim_unlinks(monkeypatch):
+    """Once claimed, the receiver owns the segment: if it cannot finish attaching, it
+    must free it rather than leave it to nobody."""
+    a = shc.zeros(4, "i8")
+    name = a.name
+    h = a.transfer()
+    monkeypatch.setattr(array_mod, "_tracker_register", lambda name: (_ for _ in ()).throw(Boom()))
+    with pytest.raises(Boom):
+        SharedArray.attach(h)
+    assert not exists(name)
 
 
 def test_too_large_is_a_memory_error_naming_the_fix():
