@@ -12,8 +12,6 @@ Ownership rules (the reasons are in DESIGN.md, "Segments"):
   we open and map the segment directly instead.
 * ``transfer()`` moves ownership (like ``transferList`` in JavaScript): the sender is
   detached at once, the receiver claims ownership when it attaches the returned handle.
-  Attach it before the sending process exits: at its exit the sender unlinks a
-  segment whose handle nobody attached (see "transfers not yet claimed" below).
 * Names are ``shmc_<creator pid>_<random>``; the header records the owner's pid and
   start time, so :func:`reap` can remove segments whose owner is gone (a SIGKILLed
   process group takes its resource tracker with it).
@@ -27,13 +25,11 @@ point at unmapped memory (no segfault), and ``.array`` on a closed SharedArray r
 
 from __future__ import annotations
 
-import atexit
 import math
 import mmap
 import operator
 import os
 import secrets
-import sys
 import threading
 import weakref
 from collections.abc import Callable, Iterable
@@ -131,15 +127,7 @@ def _forget_identity() -> None:
     _self_identity = None
 
 
-def _after_fork_in_child() -> None:
-    global _pending_lock
-    _forget_identity()
-    # The parent's unclaimed transfers are the parent's to reclaim, not ours.
-    _pending.clear()
-    _pending_lock = threading.Lock()  # the parent may have held it while forking
-
-
-os.register_at_fork(after_in_child=_after_fork_in_child)
+os.register_at_fork(after_in_child=_forget_identity)
 
 
 def _owner_alive(pid: int, start: int) -> bool:
@@ -608,10 +596,7 @@ class SharedArray:
         """Move ownership: returns a handle whose first ``attach`` becomes the owner.
 
         This object is detached at once: any use raises
-        :class:`~shmcompute.errors.DetachedError`. O(1): no data moves. Attach the
-        handle before this process exits: at its exit, a segment whose handle nobody
-        attached is unlinked (except in multiprocessing children, which skip exit
-        handlers; there :func:`reap` removes it once the child is gone).
+        :class:`~shmcompute.errors.DetachedError`. O(1): no data moves.
         """
         st = self._live()
         if not self.owner:
@@ -624,7 +609,6 @@ class SharedArray:
         # Unregister before the handle can reach a receiver: its register must come after
         # ours in the (possibly shared) resource tracker, or the tracker loses the name.
         _tracker_unregister(st.name)
-        _remember_transfer(st.name, token)  # unlinked at our exit if never claimed
         st.owner = False
         st.detached = True
         st.close()
@@ -678,105 +662,6 @@ def _unlink_quietly(name: str) -> None:
         pass  # removed from outside (reap, rm) meanwhile
 
 
-# --- transfers not yet claimed (the sender's side) ----------------------------------
-# The protocol. transfer() writes a random nonzero token into the segment header
-# (SEG_TRANSFER_TOKEN), puts it in the handle, and stops owning the segment at once
-# (it unregisters the name from the resource tracker and drops its mapping). The
-# receiver's attach claims ownership by compare-exchanging the token to 0: only one
-# attach can win. Until then nobody owns the segment, so a dropped handle, or a receiver
-# that died before attaching, leaked it for good (reap() spares it while the sender
-# lives, and nothing calls it later). So the sender remembers (name, token) of each
-# transfer, and at its interpreter exit compare-exchanges each token to 0 itself: if it
-# wins, nobody attached the handle and nobody can any more, and it unlinks the segment;
-# if it loses, a receiver owns the segment and it is left alone. Both sides use the same
-# compare-exchange on the same word, so exactly one of them ends up owning it.
-# Not in multiprocessing children: multiprocessing skips interpreter exit in fork and
-# forkserver children (as it skips the owners' exit finalizers there), and their
-# handles are typically results the parent attaches after the child is gone (the
-# process pool delivers what a recycled worker published before exiting); spawn
-# children behave the same for consistency. Their unattached handles are reap()'s.
-_pending: dict[str, int] = {}  # name -> token of our transfers, maybe not yet claimed
-_pending_lock = threading.Lock()
-_pending_prune_at = 64  # forget claimed transfers when this many are remembered
-_pending_hooked = False  # the exit hook is registered
-
-
-def _in_multiprocessing_child() -> bool:
-    mp_process = sys.modules.get("multiprocessing.process")
-    return mp_process is not None and mp_process.parent_process() is not None
-
-
-def _remember_transfer(name: str, token: int) -> None:
-    global _pending_prune_at, _pending_hooked
-    if _in_multiprocessing_child():
-        return
-    with _pending_lock:
-        if not _pending_hooked:
-            atexit.register(_reclaim_unclaimed_transfers)
-            _pending_hooked = True
-        _pending[name] = token
-        if len(_pending) >= _pending_prune_at:
-            # A long-lived sender must not remember every transfer it ever made: forget
-            # the claimed ones (one read each), and wait for twice as many before the
-            # next look, so this costs O(1) per transfer on average.
-            for n, t in list(_pending.items()):
-                if not _transfer_unclaimed(n, t):
-                    del _pending[n]
-            _pending_prune_at = max(64, 2 * len(_pending))
-
-
-def _transfer_unclaimed(name: str, token: int) -> bool:
-    """Whether the segment still holds ``token`` (a plain read: a claim can follow at
-    any moment, so only a False is final; the token never comes back once claimed)."""
-    try:
-        fd = _posixshmem.shm_open("/" + name, os.O_RDONLY, mode=0o600)
-    except FileNotFoundError:
-        return False  # claimed, used and unlinked
-    try:
-        word = os.pread(fd, 8, L.SEG_TRANSFER_TOKEN)
-    finally:
-        os.close(fd)
-    return len(word) == 8 and int.from_bytes(word, sys.byteorder, signed=True) == token
-
-
-def _reclaim_unclaimed_transfers() -> None:
-    """At interpreter exit: unlink the segments of transfers that nobody attached."""
-    if _in_multiprocessing_child():
-        return
-    with _pending_lock:
-        pending = list(_pending.items())
-        _pending.clear()
-    for name, token in pending:
-        try:
-            if _transfer_unclaimed(name, token):  # most were claimed: no Numba import
-                _reclaim_transfer(name, token)
-        except OSError:  # pragma: no cover - left to reap(); never fail an exit
-            pass
-
-
-def _reclaim_transfer(name: str, token: int) -> None:
-    try:
-        fd = _posixshmem.shm_open("/" + name, os.O_RDWR, mode=0o600)
-    except FileNotFoundError:
-        return
-    try:
-        mm = mmap.mmap(fd, L.SEG_HEADER_SIZE)
-    finally:
-        os.close(fd)
-    from . import atomics  # noqa: F401 - sets up the atomics' registry (imports Numba)
-    from ._atomics_core import _cas_address
-
-    probe = np.frombuffer(mm, dtype=np.int64, count=L.SEG_HEADER_SIZE // 8)
-    try:
-        # The receiver's claim is the same compare-exchange: exactly one of us wins.
-        won = _cas_address(int(probe.ctypes.data) + L.SEG_TRANSFER_TOKEN, token, 0) == token
-    finally:
-        del probe
-        mm.close()
-    if won:
-        _unlink_quietly(name)  # the tracker forgot it at transfer(): nothing else to do
-
-
 def _claim_transfer(mm: mmap.mmap, handle: SharedArrayHandle) -> None:
     from . import atomics  # noqa: F401 - sets up the atomics' registry (imports Numba)
     from ._atomics_core import _cas_address
@@ -788,8 +673,7 @@ def _claim_transfer(mm: mmap.mmap, handle: SharedArrayHandle) -> None:
         if won != handle.transfer_token:
             raise NotOwnerError(
                 f"the transfer handle of {handle.name!r} was already claimed; a transfer "
-                "handle is attached once (attach the plain .handle for more views), and "
-                "not after its sender exited (which frees an unclaimed segment)"
+                "handle is attached once (attach the plain .handle for more views)"
             )
         pid, start = _identity()
         probe[L.SEG_OWNER_PID // 8] = pid

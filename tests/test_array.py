@@ -226,69 +226,6 @@ def test_transfer_to_another_process_which_unlinks():
     assert not exists(name)
 
 
-TRANSFERRING_SENDER = textwrap.dedent(
-    """
-    import pickle, sys
-    import shmcompute as shc
-
-    a = shc.zeros(10, "i8")
-    a.array[:] = 3
-    print(pickle.dumps(a.transfer()).hex(), flush=True)
-    sys.stdin.readline()  # the test says when to exit
-    """
-)
-
-
-def _start_sender():
-    proc = subprocess.Popen(
-        [sys.executable, "-c", TRANSFERRING_SENDER],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        cwd=ROOT,
-    )
-    return proc, pickle.loads(bytes.fromhex(proc.stdout.readline()))
-
-
-def _let_exit(proc):
-    _, err = proc.communicate(timeout=60)  # closes stdin: the sender exits normally
-    assert proc.returncode == 0, err
-    assert "Traceback" not in err and "leaked" not in err, err
-
-
-def test_transfer_never_attached_is_unlinked_when_the_sender_exits():
-    proc, h = _start_sender()
-    try:
-        assert exists(h.name)  # the handle is waiting for a receiver...
-    finally:
-        _let_exit(proc)
-    assert not exists(h.name)  # ...that never came: the sender's exit freed it
-    with pytest.raises(shc.SegmentNotFoundError):
-        SharedArray.attach(h)
-
-
-def test_transfer_claimed_survives_the_senders_exit():
-    proc, h = _start_sender()
-    try:
-        b = SharedArray.attach(h)  # claims it: this process owns it now
-    finally:
-        _let_exit(proc)
-    assert exists(h.name) and b.owner and b.array.sum() == 30
-    b.unlink()
-    b.close()
-    assert not exists(h.name)
-
-
-def test_a_long_lived_sender_forgets_claimed_transfers():
-    for _ in range(3 * 64):
-        h = shc.zeros(1, "u1").transfer()
-        b = SharedArray.attach(h)
-        b.unlink()
-        b.close()
-    assert len(array_mod._pending) < 64
-
-
 def test_attacher_cannot_transfer():
     with shc.zeros(4) as a:
         b = SharedArray.attach(a.handle)
