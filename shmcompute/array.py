@@ -596,7 +596,10 @@ class SharedArray:
         """Move ownership: returns a handle whose first ``attach`` becomes the owner.
 
         This object is detached at once: any use raises
-        :class:`~shmcompute.errors.DetachedError`. O(1): no data moves.
+        :class:`~shmcompute.errors.DetachedError`. O(1): no data moves. The handle is in
+        flight until attached, and may outlive this process (a producer that hands its
+        result over and exits); one that is never attached stays until ``reap()``
+        (``shmcompute reap``) removes it once this process is gone.
         """
         st = self._live()
         if not self.owner:
