@@ -205,6 +205,31 @@ def test_shutdown_timeout_terminates_stuck_workers(counter: shc.SharedArray) -> 
     assert pool.stats.state == "closed"
 
 
+def test_shutdown_again_writes_nothing_into_a_file_that_took_the_wake_pipe_fd(
+    tmp_path: Any,
+) -> None:
+    # The teardown closes the supervisor's wake-up pipe, and the kernel gives its fd
+    # number to the next file opened. A second shutdown() (documented as harmless) used
+    # to write its wake-up byte into that file.
+    pool = ProcessPool(1)
+    assert pool.submit(T.square, 2).result(WAIT) == 4
+    wake_w = pool._wake_w
+    pool.shutdown(wait=True)
+    path = tmp_path / "user.txt"
+    fds: list[int] = []
+    try:
+        while wake_w not in fds:  # the lowest free number comes first
+            assert len(fds) < 256, f"fd {wake_w} was not reused: {fds}"
+            fds.append(os.open(path, os.O_WRONLY | os.O_CREAT, 0o600))
+        pool.shutdown(wait=True)
+        pool.shutdown(wait=False)
+    finally:
+        for fd in fds:
+            os.close(fd)
+    assert path.read_bytes() == b""
+    assert pool.stats.state == "closed"
+
+
 # --- the parent dies, or is asked to stop ---------------------------------------------------
 _PARENT = textwrap.dedent(
     """

@@ -244,16 +244,30 @@ class ProcessPool(Supervision):
             p.process.kill()
             p.process.join(5)
         self._procs.clear()
-        os.close(self._wake_r)
-        os.close(self._wake_w)
+        self._close_wake_pipe()
         self._ctrl.unlink()
         self._ctrl.close()
 
     def _wake_supervisor(self) -> None:
-        try:
-            os.write(self._wake_w, b"x")
-        except (BlockingIOError, OSError):
-            pass  # the pipe is full (a wake-up is already pending) or closed
+        # Under the lock, and never once the pipe is closed: _close_wake_pipe closes it
+        # under the lock too, and the kernel hands its numbers to the next file opened,
+        # so a wake-up sent late (a second shutdown(), a submit racing the teardown)
+        # would write into someone else's file.
+        with self._lock:
+            if self._wake_w < 0:
+                return
+            try:
+                os.write(self._wake_w, b"x")
+            except OSError:
+                pass  # the pipe is full: a wake-up is already pending
+
+    def _close_wake_pipe(self) -> None:
+        with self._lock:
+            r, w = self._wake_r, self._wake_w
+            self._wake_r = self._wake_w = -1  # closed: see _wake_supervisor
+            if w >= 0:
+                os.close(r)
+                os.close(w)
 
     # --- submit and dispatch ------------------------------------------------------------
     def _prepare(

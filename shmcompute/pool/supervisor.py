@@ -139,6 +139,7 @@ class Supervision(Pool):
         def _dispatch_locked(self) -> None: ...
         def _start_worker_locked(self) -> _Proc: ...
         def _wake_supervisor(self) -> None: ...
+        def _close_wake_pipe(self) -> None: ...
         def _purge_cancelled_locked(self) -> None: ...
 
     # --- supervision ----------------------------------------------------------------------
@@ -337,7 +338,7 @@ class Supervision(Pool):
 
     # --- shutdown -------------------------------------------------------------------------
     def _begin_shutdown(self) -> None:
-        self._wake_supervisor()
+        self._wake_supervisor()  # (nothing, once the pool is closed: shutdown() again)
 
     def _on_drained(self) -> None:
         if self._state == DRAINING:
@@ -407,8 +408,7 @@ class Supervision(Pool):
         with self._lock:
             self._set_state(CLOSED)
         self._run_close_callbacks()
-        os.close(self._wake_r)
-        os.close(self._wake_w)
+        self._close_wake_pipe()
         del words
         # Late readers (stats, a racing submit) see an all-zero block, not a dead mapping.
         self._words = np.zeros(L.PC_HEADER_WORDS + self._nslots * L.W_WORDS, np.int64)
