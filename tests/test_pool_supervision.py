@@ -192,6 +192,46 @@ def test_stall_is_only_reported_without_replace(counter: shc.SharedArray) -> Non
         _still_usable(pool)
 
 
+def test_restart_after_a_timed_out_restart_waits_for_the_retired_worker(
+    counter: shc.SharedArray,
+) -> None:
+    # A restart() that times out leaves the old worker retiring (finishing its task) in
+    # the pool's one spare slot. The next restart() took another slot anyway and failed
+    # with a bare IndexError; it now waits for that worker, within its own timeout.
+    gate = Event()
+    try:
+        with ProcessPool(1) as pool:
+            fut = pool.submit(T.count_and_wait, counter, gate)
+            wait_count(counter, 1)
+            with pytest.raises(TimeoutError, match="did not finish its tasks"):
+                pool.restart(timeout=1.0)  # the new worker is ready; the old one is busy
+            with pytest.raises(TimeoutError, match="retired by an earlier restart"):
+                pool.restart(timeout=0.2)
+            gate.set()
+            assert fut.result(WAIT) == 1
+            pool.restart(timeout=WAIT)  # the retired worker exits; this one completes
+            _still_usable(pool)
+            assert len(pool._procs) == 1
+    finally:
+        gate.set()
+        gate.close()
+
+
+def test_restart_whose_new_worker_is_not_ready_in_time_leaves_no_extra_worker() -> None:
+    # The new worker of a restart() that timed out before it was ready stayed on as an
+    # extra worker in the spare slot; the next restart() then failed with IndexError.
+    with ProcessPool(1) as pool:
+        assert pool.submit(T.square, 2).result(WAIT) == 4
+        (old,) = pool._procs.values()
+        with pytest.raises(TimeoutError, match="did not become ready"):
+            pool.restart(timeout=1e-6)
+        assert all(p.retiring for p in pool._procs.values() if p is not old)
+        pool.restart(timeout=WAIT)
+        assert old.pid not in {w.pid for w in pool.stats.workers}
+        _still_usable(pool)
+        assert len(pool._procs) == 1
+
+
 def test_shutdown_timeout_terminates_stuck_workers(counter: shc.SharedArray) -> None:
     pool = Pool(1, backend="process")
     fut = pool.submit(T.spin_forever_holding_gil, counter)

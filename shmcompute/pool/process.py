@@ -205,6 +205,11 @@ class ProcessPool(Supervision):
 
     # --- workers ------------------------------------------------------------------------
     def _start_worker_locked(self) -> _Proc:
+        if not self._free:  # pragma: no cover - restart() waits for a slot first
+            raise RuntimeError(
+                f"no free worker slot (the pool has {self._nslots} for {self._max_workers} "
+                "workers): a retiring worker still holds one; try again once it exits"
+            )
         slot = self._free.pop()
         rec = Rings.rec(slot)
         w = self._words

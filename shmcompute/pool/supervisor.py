@@ -425,28 +425,71 @@ class Supervision(Pool):
                 raise RuntimeError("cannot restart a pool after shutdown")
             old = [p for p in self._procs.values() if not p.retiring]
         for p in old:
-            with self._lock:
-                if p.reaped:
-                    continue
-                new = self._start_worker_locked()
-            self._wait_ready(new, end)
-            with self._lock:
-                p.retiring = True
-                self._dispatchable = None
-                # Its queued tasks stay: it drains its ring before it exits.
-                rec = Rings.rec(p.slot)
-                at.store(self._words, rec + L.W_STOP, 1)
-                at.add(self._words, rec + L.W_DOORBELL, 1)
-                at.notify(self._words, rec + L.W_DOORBELL)
-                self._dispatch_locked()
+            new = self._start_replacement(p, end)
+            if new is None:
+                continue  # it died meanwhile, and the supervisor replaced it
+            try:
+                self._wait_ready(new, end)
+            except BaseException:
+                # The old worker keeps running; the new one must not stay on as an
+                # extra worker holding the spare slot (the next restart() found no slot).
+                self._retire(new)
+                raise
+            self._retire(p)  # its queued tasks stay: it drains its ring before it exits
             p.process.join(None if end is None else max(0.0, end - time.monotonic()))
             if p.process.is_alive():
                 raise TimeoutError(
-                    f"restart(): worker {p.pid} did not finish its tasks within the timeout"
+                    f"restart(): worker {p.pid} did not finish its tasks within the "
+                    "timeout; it takes no new tasks and exits once they are done"
                 )
             # The supervisor saw its sentinel, or will: either way wait for the slot.
             while not p.reaped:
                 self._on_exit(p)
+
+    def _start_replacement(self, p: _Proc, end: float | None) -> _Proc | None:
+        """Start the worker that replaces ``p`` (None if ``p`` is gone already).
+
+        The pool has one spare slot, for the worker starting while the one it replaces
+        drains. A worker retired by an earlier ``restart()`` that did not finish in time
+        holds it until its task is done: wait for that one to exit, within this
+        restart's time.
+        """
+        while True:
+            with self._lock:
+                if p.reaped:
+                    return None
+                if self._free:
+                    return self._start_worker_locked()
+                retiring = [q for q in self._procs.values() if q.retiring and not q.reaped]
+            if not retiring:
+                raise RuntimeError(
+                    "restart(): no worker slot is free; restart() is already running in "
+                    "another thread: let it finish first"
+                )
+            q = retiring[0]
+            q.process.join(None if end is None else max(0.0, end - time.monotonic()))
+            if q.process.is_alive():
+                raise TimeoutError(
+                    f"restart(): worker {q.pid}, retired by an earlier restart() that did "
+                    "not finish in time, is still finishing its task, and a new worker "
+                    "needs the slot it holds; call restart() again once that task is done, "
+                    "or with a longer timeout"
+                )
+            while not q.reaped:
+                self._on_exit(q)
+
+    def _retire(self, p: _Proc) -> None:
+        """Dispatch no more tasks to ``p`` and tell it to exit once its ring is empty."""
+        with self._lock:
+            if p.reaped:
+                return  # gone: its slot may hold a new worker already, leave it be
+            p.retiring = True
+            self._dispatchable = None
+            rec = Rings.rec(p.slot)
+            at.store(self._words, rec + L.W_STOP, 1)
+            at.add(self._words, rec + L.W_DOORBELL, 1)
+            at.notify(self._words, rec + L.W_DOORBELL)
+            self._dispatch_locked()
 
     def _wait_ready(self, p: _Proc, end: float | None) -> None:
         idx = Rings.rec(p.slot) + L.W_STATE
