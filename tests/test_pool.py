@@ -532,6 +532,19 @@ def test_rolling_restart_under_a_stream_loses_nothing(make_pool: Callable[..., P
     assert pool.stats.restarts >= 2
 
 
+def test_stats_count_every_restart(make_pool: Callable[..., Pool]) -> None:
+    # Restarts rotate workers through the slots: summing the current workers' per-slot
+    # counts said 1 after two rolling restarts of a one-worker pool (and 0 once closed).
+    pool = make_pool(1)
+    assert pool.submit(T.square, 2).result(WAIT) == 4
+    assert pool.stats.restarts == 0
+    pool.restart(timeout=WAIT)
+    pool.restart(timeout=WAIT)
+    assert pool.stats.restarts == 2
+    pool.shutdown(wait=True)
+    assert pool.stats.restarts == 2  # stopping the workers replaces none
+
+
 def test_initializer_runs_in_every_worker(make_pool: Callable[..., Pool]) -> None:
     pool = make_pool(2, initializer=T.init_set, initargs=("ready",))
     assert {pool.submit(T.get_init_value).result(WAIT) for _ in range(10)} == {"ready"}

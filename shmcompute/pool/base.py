@@ -126,6 +126,13 @@ class Pool(Executor):
         self._completed = 0
         self._failed = 0
         self._crashes = 0
+        # Per worker slot, the workers that have left it (the backend sizes it and adds
+        # one as each worker leaves). stats.restarts is their sum: restarts and
+        # replacements rotate workers through the slots, so no one slot's count (nor
+        # the current workers' counts) says how many the pool replaced.
+        self._restarts: list[int] = []
+        # Their sum when the pool closed: the workers stopped then were not replaced.
+        self._restarts_at_close = 0
         # (._latencies.start: the typical submit-to-start time, what one more worker
         # costs a caller before it helps; transforms size their helper count by it)
         self._latencies = _Latencies()
@@ -156,6 +163,8 @@ class Pool(Executor):
         # invariant: RUNNING -> DRAINING -> CLOSED, never backwards
         order = (RUNNING, DRAINING, CLOSED)
         assert order.index(state) >= order.index(self._state), (self._state, state)
+        if state == CLOSED and self._state != CLOSED:
+            self._restarts_at_close = sum(self._restarts)
         self._state = state
 
     # --- submitting -------------------------------------------------------------------
@@ -382,6 +391,7 @@ class Pool(Executor):
         workers = self._health()
         with self._lock:
             lat = self._latencies
+            closed = self._state == CLOSED
             return PoolStats(
                 backend=self.backend,
                 state=self._state,
@@ -392,7 +402,7 @@ class Pool(Executor):
                 completed=self._completed,
                 failed=self._failed,
                 crashed=self._crashes,
-                restarts=sum(w.restarts for w in workers),
+                restarts=self._restarts_at_close if closed else sum(self._restarts),
                 wait_p50=lat.pct(lat.wait, 0.50),
                 wait_p99=lat.pct(lat.wait, 0.99),
                 run_p50=lat.pct(lat.run, 0.50),
