@@ -485,6 +485,47 @@ def test_queue_backlog_is_reported(
         gate.close()
 
 
+def test_backlog_is_measured_from_the_oldest_task_not_cancelled(
+    make_pool: Callable[..., Pool], counter: shc.SharedArray
+) -> None:
+    # A queue holding only cancelled tasks was reported as a backlog (with queued=0),
+    # and a task queued behind a cancelled one was judged by the cancelled one's age.
+    # The checks run here, at chosen times; the pool's own come too late to interfere.
+    limit = 5.0
+    reports: list[PoolStats] = []
+    pool = make_pool(1, queue_warn_after=limit, on_queue_backlog=reports.append)
+
+    def submitted_ns(f: cf.Future[Any]) -> int:
+        task = f._task  # type: ignore[attr-defined]
+        assert task is not None
+        return int(task.submitted_ns)
+
+    gate = Event()
+    try:
+        busy = pool.submit(T.count_and_wait, counter, gate)
+        wait_count(counter, 1)
+        cancelled = pool.submit(T.count, counter, 1)
+        assert cancelled.cancel()
+        assert pool._check_backlog(submitted_ns(cancelled) + int(2 * limit * 1e9)) is None
+        assert reports == [] and pool.stats.queued == 0
+
+        stale = pool.submit(T.count, counter, 1)
+        stale._task.submitted_ns -= int(2 * limit * 1e9)  # type: ignore[attr-defined]
+        assert stale.cancel()
+        fresh = pool.submit(T.square, 3)
+        due = pool._check_backlog(submitted_ns(fresh) + int(limit / 2 * 1e9))
+        assert due == pytest.approx(limit / 2) and reports == []
+        pool._check_backlog(submitted_ns(fresh) + int(2 * limit * 1e9))
+        assert [s.queued for s in reports] == [1]
+
+        gate.set()
+        assert busy.result(WAIT) == 1 and fresh.result(WAIT) == 9
+        assert int(counter.array[1]) == 0  # no cancelled task ran
+    finally:
+        gate.set()
+        gate.close()
+
+
 def test_health_per_worker(make_pool: Callable[..., Pool]) -> None:
     pool = make_pool(2)
     for f in [pool.submit(T.square, i) for i in range(10)]:

@@ -411,15 +411,20 @@ class Pool(Executor):
             )
 
     def _check_backlog(self, now_ns: int) -> float | None:
-        """Report a backlog if the oldest queued task waited longer than
+        """Report a backlog if the oldest queued task not cancelled waited longer than
         ``queue_warn_after``; return seconds until the next check is due (None: none)."""
         limit = self._queue_warn_after
         if limit is None:
             return None
         with self._lock:
-            if not self._queue:
+            queue = self._queue
+            # Forget tasks cancelled while queued (dispatch would, later): measured from
+            # one of those, a queue with nothing left to run was reported as a backlog.
+            while queue and queue[0].future.cancelled():
+                self._drop_cancelled_locked(queue.popleft())
+            if not queue:
                 return None
-            waited = (now_ns - self._queue[0].submitted_ns) / 1e9
+            waited = (now_ns - queue[0].submitted_ns) / 1e9
             due = waited >= limit and now_ns - self._backlog_reported_ns >= limit * 1e9
             if due:
                 self._backlog_reported_ns = now_ns
