@@ -131,6 +131,35 @@ def test_map_timeout(make_pool: Callable[..., Pool]) -> None:
         gate.close()
 
 
+@pytest.mark.parametrize("chunksize", [1, 3])
+@pytest.mark.parametrize("via", ["map", "options().map"])
+def test_map_timeout_counts_from_the_call_and_cancels_every_task_left(
+    make_pool: Callable[..., Pool], counter: shc.SharedArray, via: str, chunksize: int
+) -> None:
+    # As Executor.map: the deadline is map()'s call + timeout, and a timeout cancels
+    # every task not yet run, the one that timed out included. options().map started
+    # the deadline at the first next(), and let the task that timed out run anyway.
+    pool = make_pool(1)
+    mapper = pool if via == "map" else pool.options(retries=0)
+    gate = Event()
+    try:
+        busy = pool.submit(T.count_and_wait, counter, gate)
+        wait_count(counter, 1)  # the only worker is busy: the map's tasks stay queued
+        it = mapper.map(T.count, [counter] * 4, [1] * 4, timeout=0.3, chunksize=chunksize)
+        time.sleep(0.35)  # the deadline passes before the first next()
+        t0 = time.monotonic()
+        with pytest.raises(TimeoutError):
+            next(it)
+        assert time.monotonic() - t0 < 0.25  # not a fresh 0.3 s from next()
+        gate.set()
+        assert busy.result(WAIT) == 1
+        pool.shutdown(wait=True)
+        assert int(counter.array[1]) == 0  # no task of the map ran
+    finally:
+        gate.set()
+        gate.close()
+
+
 def test_stdlib_helpers_work_with_our_futures(make_pool: Callable[..., Pool]) -> None:
     pool = make_pool()
     futures = [pool.submit(T.square, i) for i in range(20)]

@@ -35,6 +35,7 @@ from ._task import (
     _check_retries,
     _check_timeout,
     _chunks,
+    _deadline,
     _Latencies,
     _Partial,
     _PrepareFailed,
@@ -535,11 +536,12 @@ class _Options:
     ) -> Iterator[T]:
         """``Pool.map`` with these options applied to every task (one per chunk)."""
         chunksize = _check_chunksize(chunksize)
+        end = _deadline(timeout)  # from the call, like Executor.map: submitting counts
         if chunksize == 1:
             futures = [self.submit(fn, *args) for args in zip(*iterables, strict=False)]
-            return _results_in_order(futures, timeout)
+            return _results_in_order(futures, end)
         batches = [self.submit(_Partial(fn), chunk) for chunk in _chunks(iterables, chunksize)]
-        return _chain(_results_in_order(batches, timeout))
+        return _chain(_results_in_order(batches, end))
 
 
 def _resolve(fut: Future[Any], ok: bool, value: Any) -> None:
