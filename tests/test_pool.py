@@ -392,6 +392,46 @@ def test_dispatch_never_overfills_a_worker_ring() -> None:
         assert [f.result(WAIT) for f in futures] == [i * i for i in range(3 * L.RING_SLOTS)]
 
 
+class _SlowToPickle:
+    """An argument whose pickling waits for the test: a slow or large argument."""
+
+    def __init__(self, entered: threading.Event, release: threading.Event) -> None:
+        self.entered, self.release = entered, release
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        self.entered.set()
+        self.release.wait(WAIT)
+        return (int, (0,))
+
+
+def test_a_slow_pickle_does_not_hold_back_other_threads_results() -> None:
+    # Workers skip waking the collector thread while a caller is about to collect
+    # results itself (_collecting: a burst of submits, a spin in result()). A submit
+    # used to enter that state before it pickled its call, so one thread pickling a
+    # slow or large argument held every other thread's results until the collector's
+    # next periodic look, up to 1 s later.
+    from shmcompute import _layout as L
+    from shmcompute import atomics as at
+
+    entered, release = threading.Event(), threading.Event()
+    with ProcessPool(2, spin=0) as pool:  # no spin: results come through the collector
+        for f in [pool.submit(T.square, i) for i in range(4)]:
+            f.result(WAIT)  # both workers up
+        slow: list[cf.Future[Any]] = []
+        a = threading.Thread(
+            target=lambda: slow.append(pool.submit(T.ident, _SlowToPickle(entered, release)))
+        )
+        a.start()
+        try:
+            assert entered.wait(WAIT)  # thread A is pickling
+            assert at.load(pool._words, L.PC_SPINNERS) == 0
+            assert pool.submit(T.square, 3).result(0.5) == 9
+        finally:
+            release.set()
+            a.join(WAIT)
+        assert slow[0].result(WAIT) == 0
+
+
 @pytest.mark.parametrize("chunksize", [1, 4])
 def test_options_map(make_pool: Callable[..., Pool], chunksize: int) -> None:
     pool = make_pool()

@@ -219,16 +219,31 @@ class Pool(Executor):
             raise ArgumentTypeError(f"fn must be callable, got {type(fn).__name__}")
         if self._state != RUNNING:
             raise RuntimeError("cannot schedule new futures after shutdown")
-        future: TaskFuture[T] = TaskFuture(self._futures_cond)
-        try:
-            if prepared is None:
+        if prepared is None:
+            try:
                 prepared = self._prepare(fn, args, kwargs)
-        except _PrepareFailed as e:
-            # Like ProcessPoolExecutor: an argument that cannot be sent fails its future.
-            with self._lock:
-                self._failed += 1
-            future.set_exception(e.error)
-            return future
+            except _PrepareFailed as e:
+                # Like ProcessPoolExecutor: an argument that cannot be sent fails its future.
+                with self._lock:
+                    self._failed += 1
+                failed: TaskFuture[T] = TaskFuture(self._futures_cond)
+                failed.set_exception(e.error)
+                return failed
+        return self._add_task(fn, args, kwargs, timeout, retries, spread, prepared)
+
+    def _add_task(
+        self,
+        fn: Callable[..., T],
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        timeout: float | None,
+        retries: int,
+        spread: bool,
+        prepared: Any,
+    ) -> Future[T]:
+        """``_submit``'s second half, once the call is prepared: make the task and hand
+        it to the backend's ``_enqueue``, under the lock."""
+        future: TaskFuture[T] = TaskFuture(self._futures_cond)
         with self._lock:
             if self._state != RUNNING:
                 self._unprepare(prepared)

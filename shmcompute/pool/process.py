@@ -61,7 +61,7 @@ from ._task import (
     _PrepareFailed,
     _Task,
 )
-from .base import CLOSED, RUNNING
+from .base import CLOSED
 from .base import log as _log
 from .sizing import usable_cores
 from .supervisor import Supervision, _Proc
@@ -300,25 +300,25 @@ class ProcessPool(Supervision):
             seg.unlink()
             seg.close()
 
-    def _submit(
+    def _add_task(
         self,
         fn: Callable[..., Any],
         args: tuple[Any, ...],
         kwargs: dict[str, Any],
         timeout: float | None,
         retries: int,
-        spread: bool = False,
-        prepared: Any = None,
+        spread: bool,
+        prepared: Any,
     ) -> Any:
         # A burst: every worker's ring is full. This thread collects results itself
         # (leaving _collecting), so rings refill at once, and while it submits, workers
         # skip waking the collector thread: that thread would only take the GIL from us
         # (it gets it every switch interval, 5 ms) while the workers sit idle with their
-        # results uncollected.
-        if self._state != RUNNING:
-            raise RuntimeError("cannot schedule new futures after shutdown")
+        # results uncollected. Only around the enqueue, after _prepare: a thread pickling
+        # a slow or large argument in there held every other thread's results until the
+        # collector's next periodic look (up to 1 s).
         with self._collecting():
-            return super()._submit(fn, args, kwargs, timeout, retries, spread, prepared)
+            return super()._add_task(fn, args, kwargs, timeout, retries, spread, prepared)
 
     def _enqueue(self, task: _Task, prepared: tuple[bytes, SharedArray | None]) -> None:
         if not self._procs:
