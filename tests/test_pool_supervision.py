@@ -7,6 +7,7 @@ After every crash the same pool must still run tasks; only the crashed task fail
 from __future__ import annotations
 
 import concurrent.futures as cf
+import json
 import os
 import pickle
 import signal
@@ -366,6 +367,64 @@ def test_sigterm_drains_then_exits(backend: str) -> None:
     assert len(done) == 12, (proc.stdout, proc.stderr)
     assert proc.returncode == -signal.SIGTERM, proc.stderr
     assert "leaked" not in proc.stderr
+
+
+_DROPPED = textwrap.dedent(
+    """
+    import gc, json, os, time
+    import numpy as np
+    import psutil
+    import shmcompute as shc
+    from shmcompute import atomics as at
+    from shmcompute.pool import ProcessPool
+    from shmcompute.sync import Event
+    from tests import _pool_tasks as T
+
+    counter, gate = shc.zeros(8, np.int64), Event()
+    pool = ProcessPool(1)
+    pool.submit(T.count_and_wait, counter, gate)
+    for _ in range(3):
+        pool.submit(T.count, counter, 1)  # queued behind it
+    while at.load(counter.array, 0) < 1:  # the first task runs
+        at.wait(counter.array, 0, 0, 1.0)
+    workers = [psutil.Process(p.pid) for p in pool._procs.values()]
+    threads, seg = [pool._collector, pool._supervisor], pool._ctrl.name
+    del pool  # dropped without shutdown(), its futures too
+    gc.collect()
+    gate.set()
+    deadline = time.monotonic() + 30
+    while any(t.is_alive() for t in threads) and time.monotonic() < deadline:
+        gc.collect()  # (a finished task and its future form a cycle: freed by the gc)
+        threads[1].join(0.05)
+    _, alive = psutil.wait_procs(workers, timeout=5)
+    print(json.dumps({
+        "ran": int(counter.array[1]),
+        "threads": [t.name for t in threads if t.is_alive()],
+        "workers": [p.pid for p in alive if p.status() != psutil.STATUS_ZOMBIE],
+        "segment": os.path.exists(os.path.join("/dev/shm", seg)),
+    }))
+    gate.close()
+    counter.close()
+    """
+)
+
+
+def test_a_dropped_pool_finishes_its_work_then_releases_everything() -> None:
+    # A ProcessPool dropped without shutdown() used to keep its worker processes, its
+    # two threads and its control segment until the interpreter exited: the threads
+    # held the pool. They hold it weakly now, and its finalizer has the supervisor
+    # release what it left, once the work it was given is done.
+    proc = subprocess.run(
+        [sys.executable, "-c", _DROPPED],
+        capture_output=True,
+        text=True,
+        timeout=WAIT * 2,
+        cwd=os.path.dirname(os.path.dirname(__file__)),
+    )
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout.splitlines()[-1])
+    assert out == {"ran": 3, "threads": [], "workers": [], "segment": False}, proc.stderr
+    assert "leaked" not in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
 
 
 def test_a_failure_while_collecting_terminates_the_pool_instead_of_hanging(

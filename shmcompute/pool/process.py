@@ -64,7 +64,7 @@ from ._task import (
 from .base import CLOSED
 from .base import log as _log
 from .sizing import usable_cores
-from .supervisor import Supervision, _Proc
+from .supervisor import Supervision, _on_drop, _Proc, _Remains, _supervise
 from .worker import WorkerSpec
 from .worker import main as _worker_main
 
@@ -192,15 +192,28 @@ class ProcessPool(Supervision):
         except BaseException:
             self._abort_start()
             raise
+        # The threads hold the pool only by a weak reference (and only while they act
+        # on it): a pool dropped without shutdown() is collected, and its finalizer
+        # has the supervisor release what it left (see supervisor._supervise).
+        ref = weakref.ref(self)
         self._collector = threading.Thread(
-            target=self._collect_loop, name="shmcompute-collector", daemon=True
+            target=_collect, args=(ref, self._words), name="shmcompute-collector", daemon=True
+        )
+        remains = _Remains(
+            self._procs,
+            self._queue,
+            self._ctrl,
+            self._close_callbacks,
+            (self._wake_r, self._wake_w),
+            self._collector,
         )
         self._supervisor = threading.Thread(
-            target=self._supervise, name="shmcompute-supervisor", daemon=True
+            target=_supervise, args=(ref, remains), name="shmcompute-supervisor", daemon=True
         )
+        self._finalizer = weakref.finalize(self, _on_drop, self._wake_w)
+        self._finalizer.atexit = False  # (at exit, _shutdown_at_exit shuts it down)
         self._collector.start()
         self._supervisor.start()
-        ref = weakref.ref(self)
         threading._register_atexit(lambda: _shutdown_at_exit(ref))  # type: ignore[attr-defined]
 
     # --- workers ------------------------------------------------------------------------
@@ -478,19 +491,6 @@ class ProcessPool(Supervision):
         if done:
             self._finish_many(done)
 
-    def _collect_loop(self) -> None:
-        words = self._words
-        while True:
-            seq = at.load(words, L.PC_RESULT_SEQ)
-            try:
-                if self._collect_all():
-                    continue
-            except Exception:
-                return  # logged; the supervisor is terminating the pool (_collect_all)
-            if self._stop_collector:
-                return
-            at.wait(words, L.PC_RESULT_SEQ, seq, 1.0)
-
     def _collecting(self) -> _Collecting:
         """For a thread that will collect results itself for a bounded while (a burst of
         submits, a spin in ``result()``, a transform's spin): meanwhile workers skip
@@ -549,6 +549,25 @@ class _Collecting:
     def __exit__(self, *exc: object) -> None:
         at.sub(self.words, L.PC_SPINNERS, 1)
         self.pool._collect_all()  # results published while workers skipped the notify
+
+
+def _collect(ref: weakref.ReferenceType[ProcessPool], words: np.ndarray) -> None:
+    """The collector thread. Like the supervisor, it holds the pool only while it
+    collects, never while it waits, so that a dropped pool can be collected."""
+    while True:
+        seq = at.load(words, L.PC_RESULT_SEQ)
+        pool = ref()
+        if pool is None:
+            return  # dropped: the supervisor releases what it left
+        try:
+            if pool._collect_all():
+                continue
+        except Exception:
+            return  # logged; the supervisor is terminating the pool (_collect_all)
+        if pool._stop_collector:
+            return
+        pool = None
+        at.wait(words, L.PC_RESULT_SEQ, seq, 1.0)
 
 
 def _shutdown_at_exit(ref: weakref.ReferenceType[ProcessPool]) -> None:
