@@ -131,6 +131,35 @@ def test_map_timeout(make_pool: Callable[..., Pool]) -> None:
         gate.close()
 
 
+@pytest.mark.parametrize("chunksize", [1, 3])
+@pytest.mark.parametrize("via", ["map", "options().map"])
+def test_map_timeout_counts_from_the_call_and_cancels_every_task_left(
+    make_pool: Callable[..., Pool], counter: shc.SharedArray, via: str, chunksize: int
+) -> None:
+    # As Executor.map: the deadline is map()'s call + timeout, and a timeout cancels
+    # every task not yet run, the one that timed out included. options().map started
+    # the deadline at the first next(), and let the task that timed out run anyway.
+    pool = make_pool(1)
+    mapper = pool if via == "map" else pool.options(retries=0)
+    gate = Event()
+    try:
+        busy = pool.submit(T.count_and_wait, counter, gate)
+        wait_count(counter, 1)  # the only worker is busy: the map's tasks stay queued
+        it = mapper.map(T.count, [counter] * 4, [1] * 4, timeout=0.3, chunksize=chunksize)
+        time.sleep(0.35)  # the deadline passes before the first next()
+        t0 = time.monotonic()
+        with pytest.raises(TimeoutError):
+            next(it)
+        assert time.monotonic() - t0 < 0.25  # not a fresh 0.3 s from next()
+        gate.set()
+        assert busy.result(WAIT) == 1
+        pool.shutdown(wait=True)
+        assert int(counter.array[1]) == 0  # no task of the map ran
+    finally:
+        gate.set()
+        gate.close()
+
+
 def test_stdlib_helpers_work_with_our_futures(make_pool: Callable[..., Pool]) -> None:
     pool = make_pool()
     futures = [pool.submit(T.square, i) for i in range(20)]
@@ -363,6 +392,46 @@ def test_dispatch_never_overfills_a_worker_ring() -> None:
         assert [f.result(WAIT) for f in futures] == [i * i for i in range(3 * L.RING_SLOTS)]
 
 
+class _SlowToPickle:
+    """An argument whose pickling waits for the test: a slow or large argument."""
+
+    def __init__(self, entered: threading.Event, release: threading.Event) -> None:
+        self.entered, self.release = entered, release
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        self.entered.set()
+        self.release.wait(WAIT)
+        return (int, (0,))
+
+
+def test_a_slow_pickle_does_not_hold_back_other_threads_results() -> None:
+    # Workers skip waking the collector thread while a caller is about to collect
+    # results itself (_collecting: a burst of submits, a spin in result()). A submit
+    # used to enter that state before it pickled its call, so one thread pickling a
+    # slow or large argument held every other thread's results until the collector's
+    # next periodic look, up to 1 s later.
+    from shmcompute import _layout as L
+    from shmcompute import atomics as at
+
+    entered, release = threading.Event(), threading.Event()
+    with ProcessPool(2, spin=0) as pool:  # no spin: results come through the collector
+        for f in [pool.submit(T.square, i) for i in range(4)]:
+            f.result(WAIT)  # both workers up
+        slow: list[cf.Future[Any]] = []
+        a = threading.Thread(
+            target=lambda: slow.append(pool.submit(T.ident, _SlowToPickle(entered, release)))
+        )
+        a.start()
+        try:
+            assert entered.wait(WAIT)  # thread A is pickling
+            assert at.load(pool._words, L.PC_SPINNERS) == 0
+            assert pool.submit(T.square, 3).result(0.5) == 9
+        finally:
+            release.set()
+            a.join(WAIT)
+        assert slow[0].result(WAIT) == 0
+
+
 @pytest.mark.parametrize("chunksize", [1, 4])
 def test_options_map(make_pool: Callable[..., Pool], chunksize: int) -> None:
     pool = make_pool()
@@ -485,6 +554,47 @@ def test_queue_backlog_is_reported(
         gate.close()
 
 
+def test_backlog_is_measured_from_the_oldest_task_not_cancelled(
+    make_pool: Callable[..., Pool], counter: shc.SharedArray
+) -> None:
+    # A queue holding only cancelled tasks was reported as a backlog (with queued=0),
+    # and a task queued behind a cancelled one was judged by the cancelled one's age.
+    # The checks run here, at chosen times; the pool's own come too late to interfere.
+    limit = 5.0
+    reports: list[PoolStats] = []
+    pool = make_pool(1, queue_warn_after=limit, on_queue_backlog=reports.append)
+
+    def submitted_ns(f: cf.Future[Any]) -> int:
+        task = f._task  # type: ignore[attr-defined]
+        assert task is not None
+        return int(task.submitted_ns)
+
+    gate = Event()
+    try:
+        busy = pool.submit(T.count_and_wait, counter, gate)
+        wait_count(counter, 1)
+        cancelled = pool.submit(T.count, counter, 1)
+        assert cancelled.cancel()
+        assert pool._check_backlog(submitted_ns(cancelled) + int(2 * limit * 1e9)) is None
+        assert reports == [] and pool.stats.queued == 0
+
+        stale = pool.submit(T.count, counter, 1)
+        stale._task.submitted_ns -= int(2 * limit * 1e9)  # type: ignore[attr-defined]
+        assert stale.cancel()
+        fresh = pool.submit(T.square, 3)
+        due = pool._check_backlog(submitted_ns(fresh) + int(limit / 2 * 1e9))
+        assert due == pytest.approx(limit / 2) and reports == []
+        pool._check_backlog(submitted_ns(fresh) + int(2 * limit * 1e9))
+        assert [s.queued for s in reports] == [1]
+
+        gate.set()
+        assert busy.result(WAIT) == 1 and fresh.result(WAIT) == 9
+        assert int(counter.array[1]) == 0  # no cancelled task ran
+    finally:
+        gate.set()
+        gate.close()
+
+
 def test_health_per_worker(make_pool: Callable[..., Pool]) -> None:
     pool = make_pool(2)
     for f in [pool.submit(T.square, i) for i in range(10)]:
@@ -530,6 +640,19 @@ def test_rolling_restart_under_a_stream_loses_nothing(make_pool: Callable[..., P
         after = {w.pid for w in pool.stats.workers}
         assert not after & set(before.values())  # every process was replaced
     assert pool.stats.restarts >= 2
+
+
+def test_stats_count_every_restart(make_pool: Callable[..., Pool]) -> None:
+    # Restarts rotate workers through the slots: summing the current workers' per-slot
+    # counts said 1 after two rolling restarts of a one-worker pool (and 0 once closed).
+    pool = make_pool(1)
+    assert pool.submit(T.square, 2).result(WAIT) == 4
+    assert pool.stats.restarts == 0
+    pool.restart(timeout=WAIT)
+    pool.restart(timeout=WAIT)
+    assert pool.stats.restarts == 2
+    pool.shutdown(wait=True)
+    assert pool.stats.restarts == 2  # stopping the workers replaces none
 
 
 def test_initializer_runs_in_every_worker(make_pool: Callable[..., Pool]) -> None:

@@ -7,6 +7,7 @@ After every crash the same pool must still run tasks; only the crashed task fail
 from __future__ import annotations
 
 import concurrent.futures as cf
+import json
 import os
 import pickle
 import signal
@@ -192,6 +193,46 @@ def test_stall_is_only_reported_without_replace(counter: shc.SharedArray) -> Non
         _still_usable(pool)
 
 
+def test_restart_after_a_timed_out_restart_waits_for_the_retired_worker(
+    counter: shc.SharedArray,
+) -> None:
+    # A restart() that times out leaves the old worker retiring (finishing its task) in
+    # the pool's one spare slot. The next restart() took another slot anyway and failed
+    # with a bare IndexError; it now waits for that worker, within its own timeout.
+    gate = Event()
+    try:
+        with ProcessPool(1) as pool:
+            fut = pool.submit(T.count_and_wait, counter, gate)
+            wait_count(counter, 1)
+            with pytest.raises(TimeoutError, match="did not finish its tasks"):
+                pool.restart(timeout=1.0)  # the new worker is ready; the old one is busy
+            with pytest.raises(TimeoutError, match="retired by an earlier restart"):
+                pool.restart(timeout=0.2)
+            gate.set()
+            assert fut.result(WAIT) == 1
+            pool.restart(timeout=WAIT)  # the retired worker exits; this one completes
+            _still_usable(pool)
+            assert len(pool._procs) == 1
+    finally:
+        gate.set()
+        gate.close()
+
+
+def test_restart_whose_new_worker_is_not_ready_in_time_leaves_no_extra_worker() -> None:
+    # The new worker of a restart() that timed out before it was ready stayed on as an
+    # extra worker in the spare slot; the next restart() then failed with IndexError.
+    with ProcessPool(1) as pool:
+        assert pool.submit(T.square, 2).result(WAIT) == 4
+        (old,) = pool._procs.values()
+        with pytest.raises(TimeoutError, match="did not become ready"):
+            pool.restart(timeout=1e-6)
+        assert all(p.retiring for p in pool._procs.values() if p is not old)
+        pool.restart(timeout=WAIT)
+        assert old.pid not in {w.pid for w in pool.stats.workers}
+        _still_usable(pool)
+        assert len(pool._procs) == 1
+
+
 def test_shutdown_timeout_terminates_stuck_workers(counter: shc.SharedArray) -> None:
     pool = Pool(1, backend="process")
     fut = pool.submit(T.spin_forever_holding_gil, counter)
@@ -202,6 +243,31 @@ def test_shutdown_timeout_terminates_stuck_workers(counter: shc.SharedArray) -> 
     assert time.monotonic() - t0 < 10
     assert isinstance(fut.exception(WAIT), shc.PoolTerminatedError)
     assert isinstance(queued.exception(WAIT), (shc.PoolTerminatedError, cf.CancelledError))
+    assert pool.stats.state == "closed"
+
+
+def test_shutdown_again_writes_nothing_into_a_file_that_took_the_wake_pipe_fd(
+    tmp_path: Any,
+) -> None:
+    # The teardown closes the supervisor's wake-up pipe, and the kernel gives its fd
+    # number to the next file opened. A second shutdown() (documented as harmless) used
+    # to write its wake-up byte into that file.
+    pool = ProcessPool(1)
+    assert pool.submit(T.square, 2).result(WAIT) == 4
+    wake_w = pool._wake_w
+    pool.shutdown(wait=True)
+    path = tmp_path / "user.txt"
+    fds: list[int] = []
+    try:
+        while wake_w not in fds:  # the lowest free number comes first
+            assert len(fds) < 256, f"fd {wake_w} was not reused: {fds}"
+            fds.append(os.open(path, os.O_WRONLY | os.O_CREAT, 0o600))
+        pool.shutdown(wait=True)
+        pool.shutdown(wait=False)
+    finally:
+        for fd in fds:
+            os.close(fd)
+    assert path.read_bytes() == b""
     assert pool.stats.state == "closed"
 
 
@@ -301,6 +367,64 @@ def test_sigterm_drains_then_exits(backend: str) -> None:
     assert len(done) == 12, (proc.stdout, proc.stderr)
     assert proc.returncode == -signal.SIGTERM, proc.stderr
     assert "leaked" not in proc.stderr
+
+
+_DROPPED = textwrap.dedent(
+    """
+    import gc, json, os, time
+    import numpy as np
+    import psutil
+    import shmcompute as shc
+    from shmcompute import atomics as at
+    from shmcompute.pool import ProcessPool
+    from shmcompute.sync import Event
+    from tests import _pool_tasks as T
+
+    counter, gate = shc.zeros(8, np.int64), Event()
+    pool = ProcessPool(1)
+    pool.submit(T.count_and_wait, counter, gate)
+    for _ in range(3):
+        pool.submit(T.count, counter, 1)  # queued behind it
+    while at.load(counter.array, 0) < 1:  # the first task runs
+        at.wait(counter.array, 0, 0, 1.0)
+    workers = [psutil.Process(p.pid) for p in pool._procs.values()]
+    threads, seg = [pool._collector, pool._supervisor], pool._ctrl.name
+    del pool  # dropped without shutdown(), its futures too
+    gc.collect()
+    gate.set()
+    deadline = time.monotonic() + 30
+    while any(t.is_alive() for t in threads) and time.monotonic() < deadline:
+        gc.collect()  # (a finished task and its future form a cycle: freed by the gc)
+        threads[1].join(0.05)
+    _, alive = psutil.wait_procs(workers, timeout=5)
+    print(json.dumps({
+        "ran": int(counter.array[1]),
+        "threads": [t.name for t in threads if t.is_alive()],
+        "workers": [p.pid for p in alive if p.status() != psutil.STATUS_ZOMBIE],
+        "segment": os.path.exists(os.path.join("/dev/shm", seg)),
+    }))
+    gate.close()
+    counter.close()
+    """
+)
+
+
+def test_a_dropped_pool_finishes_its_work_then_releases_everything() -> None:
+    # A ProcessPool dropped without shutdown() used to keep its worker processes, its
+    # two threads and its control segment until the interpreter exited: the threads
+    # held the pool. They hold it weakly now, and its finalizer has the supervisor
+    # release what it left, once the work it was given is done.
+    proc = subprocess.run(
+        [sys.executable, "-c", _DROPPED],
+        capture_output=True,
+        text=True,
+        timeout=WAIT * 2,
+        cwd=os.path.dirname(os.path.dirname(__file__)),
+    )
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout.splitlines()[-1])
+    assert out == {"ran": 3, "threads": [], "workers": [], "segment": False}, proc.stderr
+    assert "leaked" not in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
 
 
 def test_a_failure_while_collecting_terminates_the_pool_instead_of_hanging(

@@ -288,13 +288,28 @@ class _Partial:
         return f"map({_describe(self.fn)})"
 
 
-def _results_in_order(futures: list[Future[T]], timeout: float | None) -> Iterator[T]:
-    end = None if timeout is None else time.monotonic() + timeout
+def _deadline(timeout: float | None) -> float | None:
+    """``timeout`` seconds from now, as a ``time.monotonic()`` value (None: no limit)."""
+    return None if timeout is None else time.monotonic() + timeout
+
+
+def _results_in_order(futures: list[Future[T]], end: float | None) -> Iterator[T]:
+    """``Executor.map``'s result iterator: the results in order, all by ``end`` (from
+    ``_deadline``, taken before the tasks were submitted, as the stdlib does: a deadline
+    taken here would start only at the first ``next()``). Every future whose result is
+    not taken is cancelled, the one that timed out included (the stdlib's
+    ``_result_or_cancel``: one popped before the ``finally`` below used to run anyway)."""
     try:
         futures.reverse()
         while futures:
-            f = futures.pop()
-            yield f.result(None if end is None else max(0.0, end - time.monotonic()))
+            yield _result_or_cancel(futures.pop(), end)
     finally:
         for f in futures:
             f.cancel()
+
+
+def _result_or_cancel(f: Future[T], end: float | None) -> T:
+    try:
+        return f.result(None if end is None else end - time.monotonic())
+    finally:
+        f.cancel()  # (a no-op once it finished)

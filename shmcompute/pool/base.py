@@ -35,6 +35,7 @@ from ._task import (
     _check_retries,
     _check_timeout,
     _chunks,
+    _deadline,
     _Latencies,
     _Partial,
     _PrepareFailed,
@@ -126,6 +127,13 @@ class Pool(Executor):
         self._completed = 0
         self._failed = 0
         self._crashes = 0
+        # Per worker slot, the workers that have left it (the backend sizes it and adds
+        # one as each worker leaves). stats.restarts is their sum: restarts and
+        # replacements rotate workers through the slots, so no one slot's count (nor
+        # the current workers' counts) says how many the pool replaced.
+        self._restarts: list[int] = []
+        # Their sum when the pool closed: the workers stopped then were not replaced.
+        self._restarts_at_close = 0
         # (._latencies.start: the typical submit-to-start time, what one more worker
         # costs a caller before it helps; transforms size their helper count by it)
         self._latencies = _Latencies()
@@ -156,6 +164,8 @@ class Pool(Executor):
         # invariant: RUNNING -> DRAINING -> CLOSED, never backwards
         order = (RUNNING, DRAINING, CLOSED)
         assert order.index(state) >= order.index(self._state), (self._state, state)
+        if state == CLOSED and self._state != CLOSED:
+            self._restarts_at_close = sum(self._restarts)
         self._state = state
 
     # --- submitting -------------------------------------------------------------------
@@ -209,16 +219,31 @@ class Pool(Executor):
             raise ArgumentTypeError(f"fn must be callable, got {type(fn).__name__}")
         if self._state != RUNNING:
             raise RuntimeError("cannot schedule new futures after shutdown")
-        future: TaskFuture[T] = TaskFuture(self._futures_cond)
-        try:
-            if prepared is None:
+        if prepared is None:
+            try:
                 prepared = self._prepare(fn, args, kwargs)
-        except _PrepareFailed as e:
-            # Like ProcessPoolExecutor: an argument that cannot be sent fails its future.
-            with self._lock:
-                self._failed += 1
-            future.set_exception(e.error)
-            return future
+            except _PrepareFailed as e:
+                # Like ProcessPoolExecutor: an argument that cannot be sent fails its future.
+                with self._lock:
+                    self._failed += 1
+                failed: TaskFuture[T] = TaskFuture(self._futures_cond)
+                failed.set_exception(e.error)
+                return failed
+        return self._add_task(fn, args, kwargs, timeout, retries, spread, prepared)
+
+    def _add_task(
+        self,
+        fn: Callable[..., T],
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        timeout: float | None,
+        retries: int,
+        spread: bool,
+        prepared: Any,
+    ) -> Future[T]:
+        """``_submit``'s second half, once the call is prepared: make the task and hand
+        it to the backend's ``_enqueue``, under the lock."""
+        future: TaskFuture[T] = TaskFuture(self._futures_cond)
         with self._lock:
             if self._state != RUNNING:
                 self._unprepare(prepared)
@@ -382,6 +407,7 @@ class Pool(Executor):
         workers = self._health()
         with self._lock:
             lat = self._latencies
+            closed = self._state == CLOSED
             return PoolStats(
                 backend=self.backend,
                 state=self._state,
@@ -392,7 +418,7 @@ class Pool(Executor):
                 completed=self._completed,
                 failed=self._failed,
                 crashed=self._crashes,
-                restarts=sum(w.restarts for w in workers),
+                restarts=self._restarts_at_close if closed else sum(self._restarts),
                 wait_p50=lat.pct(lat.wait, 0.50),
                 wait_p99=lat.pct(lat.wait, 0.99),
                 run_p50=lat.pct(lat.run, 0.50),
@@ -401,15 +427,20 @@ class Pool(Executor):
             )
 
     def _check_backlog(self, now_ns: int) -> float | None:
-        """Report a backlog if the oldest queued task waited longer than
+        """Report a backlog if the oldest queued task not cancelled waited longer than
         ``queue_warn_after``; return seconds until the next check is due (None: none)."""
         limit = self._queue_warn_after
         if limit is None:
             return None
         with self._lock:
-            if not self._queue:
+            queue = self._queue
+            # Forget tasks cancelled while queued (dispatch would, later): measured from
+            # one of those, a queue with nothing left to run was reported as a backlog.
+            while queue and queue[0].future.cancelled():
+                self._drop_cancelled_locked(queue.popleft())
+            if not queue:
                 return None
-            waited = (now_ns - self._queue[0].submitted_ns) / 1e9
+            waited = (now_ns - queue[0].submitted_ns) / 1e9
             due = waited >= limit and now_ns - self._backlog_reported_ns >= limit * 1e9
             if due:
                 self._backlog_reported_ns = now_ns
@@ -520,11 +551,12 @@ class _Options:
     ) -> Iterator[T]:
         """``Pool.map`` with these options applied to every task (one per chunk)."""
         chunksize = _check_chunksize(chunksize)
+        end = _deadline(timeout)  # from the call, like Executor.map: submitting counts
         if chunksize == 1:
             futures = [self.submit(fn, *args) for args in zip(*iterables, strict=False)]
-            return _results_in_order(futures, timeout)
+            return _results_in_order(futures, end)
         batches = [self.submit(_Partial(fn), chunk) for chunk in _chunks(iterables, chunksize)]
-        return _chain(_results_in_order(batches, timeout))
+        return _chain(_results_in_order(batches, end))
 
 
 def _resolve(fut: Future[Any], ok: bool, value: Any) -> None:

@@ -61,10 +61,10 @@ from ._task import (
     _PrepareFailed,
     _Task,
 )
-from .base import CLOSED, RUNNING
+from .base import CLOSED
 from .base import log as _log
 from .sizing import usable_cores
-from .supervisor import Supervision, _Proc
+from .supervisor import Supervision, _on_drop, _Proc, _Remains, _supervise
 from .worker import WorkerSpec
 from .worker import main as _worker_main
 
@@ -192,19 +192,37 @@ class ProcessPool(Supervision):
         except BaseException:
             self._abort_start()
             raise
+        # The threads hold the pool only by a weak reference (and only while they act
+        # on it): a pool dropped without shutdown() is collected, and its finalizer
+        # has the supervisor release what it left (see supervisor._supervise).
+        ref = weakref.ref(self)
         self._collector = threading.Thread(
-            target=self._collect_loop, name="shmcompute-collector", daemon=True
+            target=_collect, args=(ref, self._words), name="shmcompute-collector", daemon=True
+        )
+        remains = _Remains(
+            self._procs,
+            self._queue,
+            self._ctrl,
+            self._close_callbacks,
+            (self._wake_r, self._wake_w),
+            self._collector,
         )
         self._supervisor = threading.Thread(
-            target=self._supervise, name="shmcompute-supervisor", daemon=True
+            target=_supervise, args=(ref, remains), name="shmcompute-supervisor", daemon=True
         )
+        self._finalizer = weakref.finalize(self, _on_drop, self._wake_w)
+        self._finalizer.atexit = False  # (at exit, _shutdown_at_exit shuts it down)
         self._collector.start()
         self._supervisor.start()
-        ref = weakref.ref(self)
         threading._register_atexit(lambda: _shutdown_at_exit(ref))  # type: ignore[attr-defined]
 
     # --- workers ------------------------------------------------------------------------
     def _start_worker_locked(self) -> _Proc:
+        if not self._free:  # pragma: no cover - restart() waits for a slot first
+            raise RuntimeError(
+                f"no free worker slot (the pool has {self._nslots} for {self._max_workers} "
+                "workers): a retiring worker still holds one; try again once it exits"
+            )
         slot = self._free.pop()
         rec = Rings.rec(slot)
         w = self._words
@@ -244,16 +262,30 @@ class ProcessPool(Supervision):
             p.process.kill()
             p.process.join(5)
         self._procs.clear()
-        os.close(self._wake_r)
-        os.close(self._wake_w)
+        self._close_wake_pipe()
         self._ctrl.unlink()
         self._ctrl.close()
 
     def _wake_supervisor(self) -> None:
-        try:
-            os.write(self._wake_w, b"x")
-        except (BlockingIOError, OSError):
-            pass  # the pipe is full (a wake-up is already pending) or closed
+        # Under the lock, and never once the pipe is closed: _close_wake_pipe closes it
+        # under the lock too, and the kernel hands its numbers to the next file opened,
+        # so a wake-up sent late (a second shutdown(), a submit racing the teardown)
+        # would write into someone else's file.
+        with self._lock:
+            if self._wake_w < 0:
+                return
+            try:
+                os.write(self._wake_w, b"x")
+            except OSError:
+                pass  # the pipe is full: a wake-up is already pending
+
+    def _close_wake_pipe(self) -> None:
+        with self._lock:
+            r, w = self._wake_r, self._wake_w
+            self._wake_r = self._wake_w = -1  # closed: see _wake_supervisor
+            if w >= 0:
+                os.close(r)
+                os.close(w)
 
     # --- submit and dispatch ------------------------------------------------------------
     def _prepare(
@@ -281,25 +313,25 @@ class ProcessPool(Supervision):
             seg.unlink()
             seg.close()
 
-    def _submit(
+    def _add_task(
         self,
         fn: Callable[..., Any],
         args: tuple[Any, ...],
         kwargs: dict[str, Any],
         timeout: float | None,
         retries: int,
-        spread: bool = False,
-        prepared: Any = None,
+        spread: bool,
+        prepared: Any,
     ) -> Any:
         # A burst: every worker's ring is full. This thread collects results itself
         # (leaving _collecting), so rings refill at once, and while it submits, workers
         # skip waking the collector thread: that thread would only take the GIL from us
         # (it gets it every switch interval, 5 ms) while the workers sit idle with their
-        # results uncollected.
-        if self._state != RUNNING:
-            raise RuntimeError("cannot schedule new futures after shutdown")
+        # results uncollected. Only around the enqueue, after _prepare: a thread pickling
+        # a slow or large argument in there held every other thread's results until the
+        # collector's next periodic look (up to 1 s).
         with self._collecting():
-            return super()._submit(fn, args, kwargs, timeout, retries, spread, prepared)
+            return super()._add_task(fn, args, kwargs, timeout, retries, spread, prepared)
 
     def _enqueue(self, task: _Task, prepared: tuple[bytes, SharedArray | None]) -> None:
         if not self._procs:
@@ -459,19 +491,6 @@ class ProcessPool(Supervision):
         if done:
             self._finish_many(done)
 
-    def _collect_loop(self) -> None:
-        words = self._words
-        while True:
-            seq = at.load(words, L.PC_RESULT_SEQ)
-            try:
-                if self._collect_all():
-                    continue
-            except Exception:
-                return  # logged; the supervisor is terminating the pool (_collect_all)
-            if self._stop_collector:
-                return
-            at.wait(words, L.PC_RESULT_SEQ, seq, 1.0)
-
     def _collecting(self) -> _Collecting:
         """For a thread that will collect results itself for a bounded while (a burst of
         submits, a spin in ``result()``, a transform's spin): meanwhile workers skip
@@ -530,6 +549,25 @@ class _Collecting:
     def __exit__(self, *exc: object) -> None:
         at.sub(self.words, L.PC_SPINNERS, 1)
         self.pool._collect_all()  # results published while workers skipped the notify
+
+
+def _collect(ref: weakref.ReferenceType[ProcessPool], words: np.ndarray) -> None:
+    """The collector thread. Like the supervisor, it holds the pool only while it
+    collects, never while it waits, so that a dropped pool can be collected."""
+    while True:
+        seq = at.load(words, L.PC_RESULT_SEQ)
+        pool = ref()
+        if pool is None:
+            return  # dropped: the supervisor releases what it left
+        try:
+            if pool._collect_all():
+                continue
+        except Exception:
+            return  # logged; the supervisor is terminating the pool (_collect_all)
+        if pool._stop_collector:
+            return
+        pool = None
+        at.wait(words, L.PC_RESULT_SEQ, seq, 1.0)
 
 
 def _shutdown_at_exit(ref: weakref.ReferenceType[ProcessPool]) -> None:

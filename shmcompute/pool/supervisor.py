@@ -7,6 +7,11 @@ the rest go back to the front of the queue), kills overdue and stalled workers
 (``_checks``), reports backlogs, and tears the pool down after a drain (``_teardown``).
 ``restart()`` and ``_health()`` live here too. ``ProcessPool`` mixes this in; the
 methods take ``self: ProcessPool``.
+
+The supervisor and collector threads hold the pool by a weak reference, and only while
+they act on it: a pool dropped without ``shutdown()`` finishes the work it was given,
+is collected, and its finalizer has the supervisor release what it left
+(``_Remains``): workers, threads, the control segment, the pipe.
 """
 
 from __future__ import annotations
@@ -17,7 +22,9 @@ import os
 import signal
 import threading
 import time
+import weakref
 from collections import deque
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -123,6 +130,7 @@ class Supervision(Pool):
         _replace_stalled: bool
         _collector: threading.Thread
         _supervisor: threading.Thread
+        _finalizer: weakref.finalize[..., Any]
         _wake_r: int
         _wake_w: int
         _restarts: list[int]
@@ -139,30 +147,28 @@ class Supervision(Pool):
         def _dispatch_locked(self) -> None: ...
         def _start_worker_locked(self) -> _Proc: ...
         def _wake_supervisor(self) -> None: ...
+        def _close_wake_pipe(self) -> None: ...
         def _purge_cancelled_locked(self) -> None: ...
 
     # --- supervision ----------------------------------------------------------------------
-    def _supervise(self) -> None:
-        try:
-            while True:
-                with self._lock:
-                    live = {p.process.sentinel: p for p in self._procs.values() if not p.reaped}
-                    if self._state == DRAINING:
-                        self._purge_cancelled_locked()
-                    finished = self._state == DRAINING and self._outstanding == 0
-                if finished or self._force:
-                    break
-                timeout = self._checks(time.monotonic_ns())
-                ready = mp.connection.wait([self._wake_r, *live], timeout)
-                for r in ready:
-                    if r == self._wake_r:
-                        os.read(self._wake_r, 4096)
-                    else:
-                        self._on_exit(live[r])
-        except BaseException:  # pragma: no cover - a bug here must not hang the pool
-            _log.exception("shmcompute pool supervisor failed; terminating the pool")
-            self._force = True
-        self._teardown()
+    def _supervise_once(self) -> tuple[dict[int, _Proc], float | None] | None:
+        """The supervisor's round: the live workers (by exit sentinel) and the seconds
+        until the next check is due, for it to wait on; None: tear the pool down."""
+        with self._lock:
+            live = {p.process.sentinel: p for p in self._procs.values() if not p.reaped}
+            if self._state == DRAINING:
+                self._purge_cancelled_locked()
+            finished = self._state == DRAINING and self._outstanding == 0
+        if finished or self._force:
+            return None
+        return live, self._checks(time.monotonic_ns())
+
+    def _on_ready(self, ready: list[Any], live: dict[int, _Proc]) -> None:
+        for r in ready:
+            if r == self._wake_r:
+                os.read(self._wake_r, 4096)
+            else:
+                self._on_exit(live[r])
 
     def _checks(self, now: int) -> float | None:
         """Task deadlines, stalled heartbeats and backlog; returns seconds until the
@@ -337,7 +343,7 @@ class Supervision(Pool):
 
     # --- shutdown -------------------------------------------------------------------------
     def _begin_shutdown(self) -> None:
-        self._wake_supervisor()
+        self._wake_supervisor()  # (nothing, once the pool is closed: shutdown() again)
 
     def _on_drained(self) -> None:
         if self._state == DRAINING:
@@ -360,26 +366,7 @@ class Supervision(Pool):
                 p.retiring = True
                 self._dispatchable = None
         words = self._words
-        for p in procs:
-            rec = Rings.rec(p.slot)
-            at.store(words, rec + L.W_STOP, 1)
-            at.add(words, rec + L.W_DOORBELL, 1)
-            at.notify(words, rec + L.W_DOORBELL)
-        deadline = time.monotonic() + (0 if force else _STOP_GRACE)
-        for p in procs:
-            p.process.join(max(0.0, deadline - time.monotonic()))
-        for sig in ("terminate", "kill"):
-            alive = [p for p in procs if p.process.is_alive()]
-            if not alive:
-                break
-            for p in alive:
-                getattr(p.process, sig)()
-            end = time.monotonic() + 1.0
-            for p in alive:
-                p.process.join(max(0.0, end - time.monotonic()))
-        for p in procs:
-            p.process.join(1.0)
-            p.process.close() if p.process.exitcode is not None else None
+        _stop_workers(procs, words, 0 if force else _STOP_GRACE)
         # Collect what finished, then fail what never will (only after a forced stop).
         self._collect_all()
         with self._lock:
@@ -407,8 +394,10 @@ class Supervision(Pool):
         with self._lock:
             self._set_state(CLOSED)
         self._run_close_callbacks()
-        os.close(self._wake_r)
-        os.close(self._wake_w)
+        # Before the pipe closes: once this thread lets go of the pool, its finalizer
+        # would write a wake-up into a closed pipe's fd (see _on_drop).
+        self._finalizer.detach()
+        self._close_wake_pipe()
         del words
         # Late readers (stats, a racing submit) see an all-zero block, not a dead mapping.
         self._words = np.zeros(L.PC_HEADER_WORDS + self._nslots * L.W_WORDS, np.int64)
@@ -425,28 +414,71 @@ class Supervision(Pool):
                 raise RuntimeError("cannot restart a pool after shutdown")
             old = [p for p in self._procs.values() if not p.retiring]
         for p in old:
-            with self._lock:
-                if p.reaped:
-                    continue
-                new = self._start_worker_locked()
-            self._wait_ready(new, end)
-            with self._lock:
-                p.retiring = True
-                self._dispatchable = None
-                # Its queued tasks stay: it drains its ring before it exits.
-                rec = Rings.rec(p.slot)
-                at.store(self._words, rec + L.W_STOP, 1)
-                at.add(self._words, rec + L.W_DOORBELL, 1)
-                at.notify(self._words, rec + L.W_DOORBELL)
-                self._dispatch_locked()
+            new = self._start_replacement(p, end)
+            if new is None:
+                continue  # it died meanwhile, and the supervisor replaced it
+            try:
+                self._wait_ready(new, end)
+            except BaseException:
+                # The old worker keeps running; the new one must not stay on as an
+                # extra worker holding the spare slot (the next restart() found no slot).
+                self._retire(new)
+                raise
+            self._retire(p)  # its queued tasks stay: it drains its ring before it exits
             p.process.join(None if end is None else max(0.0, end - time.monotonic()))
             if p.process.is_alive():
                 raise TimeoutError(
-                    f"restart(): worker {p.pid} did not finish its tasks within the timeout"
+                    f"restart(): worker {p.pid} did not finish its tasks within the "
+                    "timeout; it takes no new tasks and exits once they are done"
                 )
             # The supervisor saw its sentinel, or will: either way wait for the slot.
             while not p.reaped:
                 self._on_exit(p)
+
+    def _start_replacement(self, p: _Proc, end: float | None) -> _Proc | None:
+        """Start the worker that replaces ``p`` (None if ``p`` is gone already).
+
+        The pool has one spare slot, for the worker starting while the one it replaces
+        drains. A worker retired by an earlier ``restart()`` that did not finish in time
+        holds it until its task is done: wait for that one to exit, within this
+        restart's time.
+        """
+        while True:
+            with self._lock:
+                if p.reaped:
+                    return None
+                if self._free:
+                    return self._start_worker_locked()
+                retiring = [q for q in self._procs.values() if q.retiring and not q.reaped]
+            if not retiring:
+                raise RuntimeError(
+                    "restart(): no worker slot is free; restart() is already running in "
+                    "another thread: let it finish first"
+                )
+            q = retiring[0]
+            q.process.join(None if end is None else max(0.0, end - time.monotonic()))
+            if q.process.is_alive():
+                raise TimeoutError(
+                    f"restart(): worker {q.pid}, retired by an earlier restart() that did "
+                    "not finish in time, is still finishing its task, and a new worker "
+                    "needs the slot it holds; call restart() again once that task is done, "
+                    "or with a longer timeout"
+                )
+            while not q.reaped:
+                self._on_exit(q)
+
+    def _retire(self, p: _Proc) -> None:
+        """Dispatch no more tasks to ``p`` and tell it to exit once its ring is empty."""
+        with self._lock:
+            if p.reaped:
+                return  # gone: its slot may hold a new worker already, leave it be
+            p.retiring = True
+            self._dispatchable = None
+            rec = Rings.rec(p.slot)
+            at.store(self._words, rec + L.W_STOP, 1)
+            at.add(self._words, rec + L.W_DOORBELL, 1)
+            at.notify(self._words, rec + L.W_DOORBELL)
+            self._dispatch_locked()
 
     def _wait_ready(self, p: _Proc, end: float | None) -> None:
         idx = Rings.rec(p.slot) + L.W_STATE
@@ -500,6 +532,120 @@ class Supervision(Pool):
                     )
                 )
         return out
+
+
+def _supervise(ref: weakref.ReferenceType[Supervision], remains: _Remains) -> None:
+    """The supervisor thread. It holds the pool only while it acts on it, never while
+    it waits: a pool dropped without ``shutdown()`` can then be collected, and its
+    finalizer (``_on_drop``) wakes this thread, which releases what the pool left."""
+    pool = ref()
+    try:
+        while pool is not None:
+            step = pool._supervise_once()
+            if step is None:
+                break
+            live, timeout = step
+            wake_r = pool._wake_r
+            pool = None
+            # (live holds the workers' records, and through their tasks in flight the
+            # pool: a busy pool stays alive)
+            ready = mp.connection.wait([wake_r, *live], timeout)
+            pool = ref()
+            if pool is not None:
+                pool._on_ready(ready, live)
+    except BaseException:  # pragma: no cover - a bug here must not hang the pool
+        _log.exception("shmcompute pool supervisor failed; terminating the pool")
+        pool = ref()
+        if pool is not None:
+            pool._force = True
+    if pool is not None:
+        pool._teardown()
+    else:
+        remains.release()
+
+
+def _on_drop(wake_w: int) -> None:
+    """A pool's finalizer: it was dropped without ``shutdown()``. Wake its supervisor,
+    which releases the rest (here, in whichever thread let go of the pool last, it must
+    not wait: that may be the supervisor itself). The pipe is still open: the teardown,
+    which closes it, detaches this finalizer first."""
+    try:
+        os.write(wake_w, b"x")
+    except OSError:
+        pass  # the pipe is full: a wake-up is already pending
+
+
+class _Remains:
+    """What a pool's supervisor thread holds besides a weak reference to the pool: what
+    it releases should the pool be dropped without ``shutdown()``. Holding the worker
+    table and the queue also keeps the pool alive while a task is outstanding (through
+    the task's future), so a dropped pool finishes its work first, as
+    ``ProcessPoolExecutor`` does, and is then released with its workers idle."""
+
+    __slots__ = ("close_callbacks", "collector", "ctrl", "procs", "queue", "wake")
+
+    def __init__(
+        self,
+        procs: dict[int, _Proc],
+        queue: deque[_Task],
+        ctrl: SharedArray,
+        close_callbacks: list[Callable[[], Any]],
+        wake: tuple[int, int],
+        collector: threading.Thread,
+    ) -> None:
+        self.procs = procs
+        self.queue = queue
+        self.ctrl = ctrl
+        self.close_callbacks = close_callbacks
+        self.wake = wake
+        self.collector = collector
+
+    def release(self) -> None:
+        """The teardown of a pool that no longer exists (no task is outstanding)."""
+        procs = list(self.procs.values())
+        self.procs.clear()
+        words = self.ctrl.array
+        _stop_workers(procs, words, _STOP_GRACE)
+        at.add(words, L.PC_RESULT_SEQ, 1)  # the collector finds its pool gone and returns
+        at.notify(words, L.PC_RESULT_SEQ)
+        del words
+        self.collector.join(10.0)
+        callbacks = list(self.close_callbacks)
+        self.close_callbacks.clear()
+        for cb in callbacks:
+            try:
+                cb()
+            except Exception:  # pragma: no cover - a release must not stop the others
+                _log.exception("shmcompute pool: a close callback failed")
+        for fd in self.wake:
+            os.close(fd)
+        self.ctrl.unlink()
+        self.ctrl.close()
+
+
+def _stop_workers(procs: list[_Proc], words: np.ndarray, grace: float) -> None:
+    """Tell the workers to stop; after ``grace`` seconds terminate, then kill, those
+    still running; reap them all."""
+    for p in procs:
+        rec = Rings.rec(p.slot)
+        at.store(words, rec + L.W_STOP, 1)
+        at.add(words, rec + L.W_DOORBELL, 1)
+        at.notify(words, rec + L.W_DOORBELL)
+    deadline = time.monotonic() + grace
+    for p in procs:
+        p.process.join(max(0.0, deadline - time.monotonic()))
+    for sig in ("terminate", "kill"):
+        alive = [p for p in procs if p.process.is_alive()]
+        if not alive:
+            break
+        for p in alive:
+            getattr(p.process, sig)()
+        end = time.monotonic() + 1.0
+        for p in alive:
+            p.process.join(max(0.0, end - time.monotonic()))
+    for p in procs:
+        p.process.join(1.0)
+        p.process.close() if p.process.exitcode is not None else None
 
 
 def _rss(pid: int) -> int | None:
