@@ -609,6 +609,20 @@ def test_pool_size_and_environment(monkeypatch: pytest.MonkeyPatch) -> None:
         Pool(backend="thread")
 
 
+def test_pool_size_checks_its_arguments_when_the_environment_sets_the_size(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # A bad call must fail on every machine, not only where SHMCOMPUTE_WORKERS is unset.
+    monkeypatch.setenv("SHMCOMPUTE_WORKERS", "3")
+    with pytest.raises(ArgumentError, match="kind must be one of"):
+        pool_size("bogus")
+    with pytest.raises(ArgumentError, match="reserve must be >= 0, got -5"):
+        pool_size("cpu", reserve=-5)
+    with pytest.raises(ArgumentTypeError, match="reserve must be an int, got float"):
+        pool_size("cpu", reserve=1.5)  # type: ignore[arg-type]
+    assert pool_size("io", reserve=0) == 3  # valid arguments: the variable still wins
+
+
 def test_shared_arrays_travel_as_handles(make_pool: Callable[..., Pool]) -> None:
     pool = make_pool(2)
     with shc.from_numpy(np.arange(1_000_000, dtype=np.int64)) as a:
