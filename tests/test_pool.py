@@ -584,6 +584,8 @@ def test_backend_specific_arguments() -> None:
         Pool(2, backend="process", max_tasks_per_child=0)
     with pytest.raises(ArgumentTypeError, match="mp_context must be a multiprocessing"):
         Pool(2, backend="process", mp_context="fork")
+    with pytest.raises(ArgumentTypeError, match="thread_name_prefix must be a str, got int"):
+        ThreadPool(1, thread_name_prefix=5)  # type: ignore[arg-type]
 
 
 def test_pool_size_and_environment(monkeypatch: pytest.MonkeyPatch) -> None:

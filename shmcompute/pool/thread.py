@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 
 from .. import atomics as at
-from ..errors import ArgumentError, InitializerError, TaskTimeoutError
+from ..errors import ArgumentError, ArgumentTypeError, InitializerError, TaskTimeoutError
 from . import _spin
 from ._task import (
     PoolStats,
@@ -129,7 +129,9 @@ class ThreadPool(Pool):
             on_queue_backlog=on_queue_backlog,
         )
         if not isinstance(thread_name_prefix, str):
-            raise ArgumentError("thread_name_prefix must be a str")
+            raise ArgumentTypeError(
+                f"thread_name_prefix must be a str, got {type(thread_name_prefix).__name__}"
+            )
         self._spin_ns = _check_spin(spin)
         self._prefix = thread_name_prefix or f"shmcompute-thread-{id(self):x}"
         _spin.warm_up()
