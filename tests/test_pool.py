@@ -267,6 +267,29 @@ def test_task_timeout_fails_the_task_and_pool_stays_usable(
         gate.close()
 
 
+def test_hung_tasks_past_their_timeout_never_break_the_pool(
+    make_pool: Callable[..., Pool],
+) -> None:
+    # A thread cannot be killed: a timed-out task's thread is abandoned and keeps its
+    # worker slot until its call returns. Once hung calls held every slot (2 x workers
+    # + 2), the next timeout killed the thread pool's supervisor: later tasks never
+    # timed out (one even succeeded), or never ran, and shutdown() left it draining.
+    pool = make_pool(1)
+    gate = Event()
+    try:
+        hung = [pool.options(timeout=0.2).submit(T.block, gate, WAIT) for _ in range(6)]
+        for f in hung:
+            assert isinstance(f.exception(10), TaskTimeoutError)
+        assert pool.submit(T.square, 3).result(WAIT) == 9
+        s = pool.stats
+        assert (s.total, s.failed, s.completed) == (1, 6, 1)
+    finally:
+        gate.set()  # the abandoned threads return (thread backend)
+        pool.shutdown(wait=True, timeout=WAIT)
+        gate.close()
+    assert pool.stats.state == "closed"
+
+
 def test_thread_timeout_is_not_missed_while_the_supervisor_checks_the_backlog(
     counter: shc.SharedArray,
 ) -> None:

@@ -17,6 +17,11 @@ it still holds the GIL costs two GIL round trips and was measured 1.6-4.2x slowe
 ``ThreadPoolExecutor``. A worker that finishes with more work queued takes it at once.
 Tasks cannot be killed in a thread: a task past its ``timeout`` fails its future, its
 thread is abandoned (it exits when the call returns) and a replacement starts.
+
+Each worker owns a slot of ``TW_WORDS`` words in a page of the pool's private int64
+words, which ends with the ``gil`` word. An abandoned thread keeps its slot until its
+call returns (it still bumps its ``done`` word then); when hung calls hold every slot,
+the pool adds a page instead of refusing to replace a worker.
 """
 
 from __future__ import annotations
@@ -29,8 +34,13 @@ from typing import Any
 
 import numpy as np
 
-from .. import atomics as at
-from ..errors import ArgumentError, ArgumentTypeError, InitializerError, TaskTimeoutError
+from ..errors import (
+    ArgumentError,
+    ArgumentTypeError,
+    InitializerError,
+    PoolTerminatedError,
+    TaskTimeoutError,
+)
 from . import _spin
 from ._task import (
     PoolStats,
@@ -42,7 +52,7 @@ from ._task import (
 from .base import CLOSED, DRAINING, RUNNING, Pool, _resolve
 from .base import log as _log
 
-# Per-worker words in the pool's private int64 array (one cache line each).
+# Per-worker words in a page of the pool's private int64 words (one cache line each).
 TW_BELL = 0  # bumped (and notified) when the worker is given a task or told to exit
 TW_DONE = 1  # tasks finished, bumped after the worker released the GIL
 TW_WORDS = 8
@@ -57,6 +67,7 @@ class _Worker:
     __slots__ = (
         "abandoned",
         "assigned",
+        "base",
         "done",
         "errors",
         "exited",
@@ -68,10 +79,13 @@ class _Worker:
         "started_ns",
         "task",
         "thread",
+        "words",
     )
 
-    def __init__(self, index: int, restarts: int) -> None:
+    def __init__(self, index: int, restarts: int, words: np.ndarray, base: int) -> None:
         self.index = index
+        self.words = words  # the page holding its slot
+        self.base = base  # its slot's first word in that page
         self.thread: threading.Thread | None = None
         self.task: _Task | None = None  # given to it, not yet finished
         self.assigned = 0  # tasks given to it; task.target = this count
@@ -135,10 +149,14 @@ class ThreadPool(Pool):
         self._spin_ns = _check_spin(spin)
         self._prefix = thread_name_prefix or f"shmcompute-thread-{id(self):x}"
         _spin.warm_up()
-        # Room for replacements of abandoned and retiring workers; indices are reused.
+        # Slots per page: room for replacements of abandoned and retiring workers. Indices
+        # are reused; slot i lives in page i // capacity, for good (_slot).
         self._capacity = 2 * self._max_workers + 2
-        self._words = np.zeros(self._capacity * TW_WORDS + TW_WORDS, np.int64)
-        self._gil_i = self._capacity * TW_WORDS  # bumped by callers entering a nogil spin
+        self._words = np.zeros(self._capacity * TW_WORDS + TW_WORDS, np.int64)  # page 0
+        self._pages = [self._words]
+        # The same offset in every page: bumped by callers entering a nogil spin on a
+        # worker of that page (the worker they woke waits for it; see publish_and_park).
+        self._gil_i = self._capacity * TW_WORDS
         self._workers: dict[int, _Worker] = {}
         self._free = list(range(self._capacity - 1, -1, -1))
         self._restarts = [0] * self._capacity
@@ -156,12 +174,36 @@ class ThreadPool(Pool):
         self._supervisor.start()
 
     # --- workers ------------------------------------------------------------------------
+    def _slot(self, index: int) -> tuple[np.ndarray, int]:
+        """The page holding worker slot ``index`` and the slot's first word in it."""
+        page, local = divmod(index, self._capacity)
+        return self._pages[page], local * TW_WORDS
+
+    def _add_page_locked(self) -> None:
+        # Every slot is held, by live and retiring workers and by abandoned threads whose
+        # timed-out calls have not returned. A hung call may never return: refusing to
+        # replace its worker (this raised, and killed the supervisor) broke the pool for
+        # good, so the table grows instead, by one page of fresh slots.
+        n = len(self._pages)
+        self._pages.append(np.zeros_like(self._words))
+        cap = self._capacity
+        self._free = list(range((n + 1) * cap - 1, n * cap - 1, -1))  # lowest pops first
+        self._restarts.extend([0] * cap)
+        abandoned = sum(1 for w in self._workers.values() if w.abandoned)
+        _log.warning(
+            "shmcompute thread pool: %d threads whose tasks timed out are still running "
+            "(their calls have not returned); it now keeps room for %d worker threads",
+            abandoned,
+            (n + 1) * cap,
+        )
+
     def _start_worker_locked(self) -> _Worker:
-        if not self._free:  # pragma: no cover - bounded by abandoned workers
-            raise RuntimeError("too many abandoned worker threads are still running")
+        if not self._free:
+            self._add_page_locked()
         index = self._free.pop()
-        self._words[index * TW_WORDS : (index + 1) * TW_WORDS] = 0
-        wk = _Worker(index, self._restarts[index])
+        words, base = self._slot(index)
+        words[base : base + TW_WORDS] = 0
+        wk = _Worker(index, self._restarts[index], words, base)
         wk.thread = threading.Thread(
             target=self._run_worker, args=(wk,), name=f"{self._prefix}_{index}", daemon=True
         )
@@ -173,9 +215,9 @@ class ThreadPool(Pool):
         return [w for w in self._workers.values() if not (w.abandoned or w.retiring)]
 
     def _run_worker(self, wk: _Worker) -> None:
-        words = self._words
-        bell_i = wk.index * TW_WORDS + TW_BELL
-        done_i = wk.index * TW_WORDS + TW_DONE
+        words = wk.words
+        bell_i = wk.base + TW_BELL
+        done_i = wk.base + TW_DONE
         gil_i = self._gil_i
         if self._initializer is not None:
             try:
@@ -307,7 +349,7 @@ class ThreadPool(Pool):
                 continue
             if self._assign_locked(wk, task):
                 # Ring after assigning: the worker re-checks wk.task under the lock.
-                _spin.ring(self._words, wk.index * TW_WORDS + TW_BELL)
+                _spin.ring(wk.words, wk.base + TW_BELL)
             return
         if not self._live_locked():
             # Every worker is gone (the initializer kept failing): try afresh. (The new
@@ -319,21 +361,32 @@ class ThreadPool(Pool):
             self._poke_locked()  # a backlog starts: the supervisor schedules the check
 
     def _spin_for(self, task: _Task) -> None:
-        if self._spin_ns <= 0 or task.worker < 0:
+        index = task.worker
+        if self._spin_ns <= 0 or index < 0:
             return
-        _spin.spin_until_at_least(
-            self._words,
-            task.worker * TW_WORDS + TW_DONE,
-            task.target,
-            self._spin_ns,
-            self._gil_i,
-        )
+        if index < self._capacity:  # page 0: always, unless hung calls added pages
+            words, base = self._words, index * TW_WORDS
+        else:
+            words, base = self._slot(index)
+        _spin.spin_until_at_least(words, base + TW_DONE, task.target, self._spin_ns, self._gil_i)
 
     # --- supervision: timeouts, backlog, shutdown -----------------------------------------
     def _supervise(self) -> None:
+        try:
+            self._supervise_loop()
+        except BaseException as e:
+            # A bug here must not leave futures that never resolve and a shutdown that
+            # waits for them forever (a failure to replace a worker once killed this
+            # thread and left the pool that way): end the pool, failing what is left.
+            _log.exception("shmcompute thread pool: its supervisor failed; closing the pool")
+            self._terminate(f"the pool's supervisor thread failed ({e!r}; see the log)")
+            return
+        self._close()
+
+    def _supervise_loop(self) -> None:
         with self._lock:
             while True:
-                if self._state == DRAINING and self._outstanding == 0:
+                if self._state == CLOSED or (self._state == DRAINING and self._outstanding == 0):
                     break
                 pokes = self._pokes
                 now = time.monotonic_ns()
@@ -354,11 +407,10 @@ class ThreadPool(Pool):
                     self._lock.acquire()
                 if backlog is not None:
                     due.append(backlog)
-                if self._state == DRAINING and self._outstanding == 0:
+                if self._state == CLOSED or (self._state == DRAINING and self._outstanding == 0):
                     break
                 if self._pokes == pokes:  # nothing changed while the lock was free
                     self._wake.wait(max(0.001, min(due)) if due else 60.0)
-            self._stop_locked()
 
     def _abandon_locked(self, wk: _Worker, task: _Task) -> None:
         wk.abandoned = True
@@ -367,7 +419,8 @@ class ThreadPool(Pool):
             wk.idle = False
             self._idle.remove(wk)
         # The thread keeps its index until it exits; a new worker takes another.
-        self._start_worker_locked()
+        if self._state != CLOSED:
+            self._start_worker_locked()
         err = TaskTimeoutError(
             f"{task.describe()} ran past its timeout of {task.timeout:g} s; a thread cannot "
             "be stopped, so it runs on until the call returns (its result is discarded) and "
@@ -379,18 +432,49 @@ class ThreadPool(Pool):
         finally:
             self._lock.acquire()
 
-    def _stop_locked(self) -> None:
-        self._set_state(CLOSED)
-        self._lock.release()
-        try:
-            self._run_close_callbacks()
-        finally:
-            self._lock.acquire()
-        for wk in self._workers.values():
-            wk.retiring = True
-            i = wk.index * TW_WORDS + TW_BELL
-            at.add(self._words, i, 1)
-            at.notify(self._words, i)
+    def _close(self) -> None:
+        """After the drain: closed (a second call does nothing)."""
+        with self._lock:
+            if self._state == CLOSED:
+                return
+            self._set_state(CLOSED)
+        self._closed()
+
+    def _closed(self) -> None:
+        """Just closed: run the close callbacks and tell every worker to exit once its
+        task is done (each exits at once if idle)."""
+        self._run_close_callbacks()
+        with self._lock:
+            for wk in self._workers.values():
+                wk.retiring = True
+                _spin.ring(wk.words, wk.base + TW_BELL)
+            self._poke_locked()  # the supervisor, if it still runs, exits
+
+    def _terminate(self, why: str) -> None:
+        """Close the pool now: fail every queued and running task with
+        ``PoolTerminatedError`` (saying ``why``). A running thread cannot be stopped: its
+        call runs on in the background, its result is discarded, and the thread exits
+        when it returns."""
+        failed: list[_Task] = []
+        with self._lock:
+            # Closed first: whoever sees a task fail with PoolTerminatedError sees a closed
+            # pool. (No new task can arrive, and workers take none from the empty queue.)
+            closing = self._state != CLOSED
+            if closing:
+                self._set_state(CLOSED)
+            for task in self._queue:
+                if task.future.cancelled():
+                    self._drop_cancelled_locked(task)
+                else:
+                    failed.append(task)
+            self._queue.clear()
+            failed += [w.task for w in self._workers.values() if w.task is not None]
+        for task in failed:  # (one already resolved, by its worker or a timeout, is skipped)
+            self._finish(
+                task, False, PoolTerminatedError(f"{task.describe()} did not finish: {why}")
+            )
+        if closing:
+            self._closed()
 
     def _on_drained(self) -> None:
         if self._state == DRAINING:
@@ -453,18 +537,14 @@ class ThreadPool(Pool):
                 if wk.idle:
                     wk.idle = False
                     self._idle.remove(wk)
-                i = wk.index * TW_WORDS + TW_BELL
-                at.add(self._words, i, 1)
-                at.notify(self._words, i)
+                _spin.ring(wk.words, wk.base + TW_BELL)
                 # Work queued meanwhile goes to the new worker.
                 if self._queue and new.idle:
                     self._idle.remove(new)
                     new.idle = False
                     task = self._next_task_locked(new)
                     if task is not None:
-                        j = new.index * TW_WORDS + TW_BELL
-                        at.add(self._words, j, 1)
-                        at.notify(self._words, j, 1)
+                        _spin.ring(new.words, new.base + TW_BELL)
             assert wk.thread is not None
             wk.thread.join(None if end is None else max(0.0, end - time.monotonic()))
             if wk.thread.is_alive():
