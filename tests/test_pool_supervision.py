@@ -205,6 +205,31 @@ def test_shutdown_timeout_terminates_stuck_workers(counter: shc.SharedArray) -> 
     assert pool.stats.state == "closed"
 
 
+@pytest.mark.parametrize("backend", ["process", "thread"])
+def test_shutdown_timeout_fails_running_and_queued_tasks(
+    backend: str, counter: shc.SharedArray
+) -> None:
+    # The documented contract of shutdown(timeout=...): past it, unfinished tasks fail
+    # with PoolTerminatedError. The thread backend only logged a warning: its queued
+    # task was still pending when shutdown() returned, and ran afterwards.
+    pool = Pool(1, backend=backend)
+    gate = Event()
+    try:
+        running = pool.submit(T.count_and_wait, counter, gate)
+        queued = pool.submit(T.count, counter, 1)
+        wait_count(counter, 1)
+        pool.shutdown(wait=True, timeout=0.2)
+        for f in (running, queued):  # resolved by the time shutdown() returns
+            assert isinstance(f.exception(0), PoolTerminatedError)
+        assert "ran out of time" in str(queued.exception(0))
+        assert pool.stats.state == "closed"
+    finally:
+        gate.set()  # (the thread backend's running call returns; its result is discarded)
+    pool.shutdown(wait=True, timeout=WAIT)  # joins that thread
+    assert int(counter.array[1]) == 0  # the queued task never ran
+    gate.close()
+
+
 # --- the parent dies, or is asked to stop ---------------------------------------------------
 _PARENT = textwrap.dedent(
     """

@@ -104,6 +104,13 @@ class ThreadPool(Pool):
     """Worker threads behind a ``concurrent.futures.Executor``: a drop-in for
     ``ThreadPoolExecutor`` (same positional arguments and keywords). Suits nogil Numba
     kernels and other GIL-releasing code; see ``ProcessPool`` for the shared options.
+
+    A thread cannot be killed. A task past its ``timeout`` fails with
+    ``TaskTimeoutError`` and a new thread takes its worker's place; when
+    ``shutdown(timeout=...)`` runs out, queued and running tasks fail with
+    ``PoolTerminatedError`` and the pool closes, as on the process backend. In both
+    cases a running call goes on in the background until it returns, and its result is
+    discarded.
     """
 
     backend = "thread"
@@ -284,6 +291,14 @@ class ThreadPool(Pool):
         return True
 
     def _run_task(self, wk: _Worker, task: _Task) -> None:
+        if task.resolved:
+            # It failed before this worker got to it (given to it while it slept, then
+            # shutdown(timeout=...) ran out, or its own timeout passed): never run it
+            # late. (A plain read: resolved just after it, the call runs and its result
+            # is discarded, as for any task that fails while running.)
+            with self._lock:
+                wk.task = None
+            return
         t0 = time.monotonic_ns()
         try:
             value = task.fn(*task.args, **task.kwargs)
@@ -502,19 +517,30 @@ class ThreadPool(Pool):
         me = threading.current_thread()
         if me is not self._supervisor:
             self._supervisor.join(timeout)
+            if self._supervisor.is_alive():  # (join(None) returns only once it exited)
+                # Out of time. As on the process backend, what is unfinished fails now
+                # with PoolTerminatedError and the pool closes: queued tasks never run.
+                # Unlike there, a running call cannot be stopped: it runs on in the
+                # background and its result is discarded.
+                self._terminate(f"shutdown(timeout={timeout}) ran out of time")
         with self._lock:
-            threads = [w.thread for w in self._workers.values() if w.thread is not None]
-        for t in threads:
-            if t is me:
-                continue
+            threads = [
+                (w, w.thread)
+                for w in self._workers.values()
+                if w.thread is not None and w.thread is not me
+            ]
+        for _, t in threads:
             t.join(None if end is None else max(0.0, end - time.monotonic()))
         with self._lock:
-            if any(t.is_alive() for t in threads if t is not me) and end is not None:
-                _log.warning(
-                    "shmcompute thread pool: shutdown(timeout=%s) expired with tasks still "
-                    "running; threads cannot be killed, they finish in the background",
-                    timeout,
-                )
+            running = [w for w, t in threads if t.is_alive() and w.task is not None]
+        if running and end is not None:
+            _log.warning(
+                "shmcompute thread pool: shutdown(timeout=%s) expired with %d calls still "
+                "running; threads cannot be killed, they finish in the background (their "
+                "results are discarded)",
+                timeout,
+                len(running),
+            )
 
     # --- restart, health ----------------------------------------------------------------
     def restart(self, timeout: float | None = 60.0) -> None:
