@@ -222,6 +222,45 @@ def test_shutdown_cancel_futures(make_pool: Callable[..., Pool], counter: shc.Sh
         gate.close()
 
 
+@pytest.mark.parametrize("where", ["done-callback", "task"])
+def test_shutdown_with_wait_from_the_pools_own_thread_raises_instead_of_deadlocking(
+    where: str, counter: shc.SharedArray
+) -> None:
+    # shutdown(wait=True) on one of the pool's threads waited for that very thread:
+    # the pool deadlocked. Like ThreadPoolExecutor, it raises RuntimeError; the shutdown
+    # has begun all the same and the pool still finishes its work.
+    # (Thread backend only: the process backend's collector thread, which runs
+    # done-callbacks, still has this trap.)
+    pool = ThreadPool(1)
+    raised: list[BaseException] = []
+
+    def shut_down(*_: Any) -> None:
+        try:
+            pool.shutdown()  # wait=True
+        except RuntimeError as e:
+            raised.append(e)
+
+    gate = Event()
+    try:
+        if where == "task":
+            first = pool.submit(lambda: gate.wait(WAIT) and shut_down())
+        else:
+            first = pool.submit(T.count_and_wait, counter, gate)
+            first.add_done_callback(shut_down)
+        second = pool.submit(T.square, 32)
+        gate.set()
+        assert second.result(10) == 1024
+        first.result(10)
+        assert len(raised) == 1 and "the pool's own threads" in str(raised[0])
+        with pytest.raises(RuntimeError, match="after shutdown"):
+            pool.submit(T.square, 1)
+    finally:
+        gate.set()
+        pool.shutdown(wait=True, timeout=10)
+        gate.close()
+    assert pool.stats.state == "closed"
+
+
 def test_shutdown_without_wait_finishes_in_background(make_pool: Callable[..., Pool]) -> None:
     pool = make_pool()
     futures = [pool.submit(T.square, i) for i in range(50)]

@@ -171,6 +171,7 @@ class ThreadPool(Pool):
         self._init_failures = 0
         self._last_init_error: BaseException | None = None
         self._wake = threading.Condition(self._lock)  # wakes the supervisor (_poke_locked)
+        self._own = threading.local()  # .mine: True in this pool's own threads (_join)
         self._pokes = 0
         with self._lock:
             for _ in range(self._max_workers):
@@ -222,6 +223,7 @@ class ThreadPool(Pool):
         return [w for w in self._workers.values() if not (w.abandoned or w.retiring)]
 
     def _run_worker(self, wk: _Worker) -> None:
+        self._own.mine = True
         words = wk.words
         bell_i = wk.base + TW_BELL
         done_i = wk.base + TW_DONE
@@ -387,6 +389,7 @@ class ThreadPool(Pool):
 
     # --- supervision: timeouts, backlog, shutdown -----------------------------------------
     def _supervise(self) -> None:
+        self._own.mine = True
         try:
             self._supervise_loop()
         except BaseException as e:
@@ -513,16 +516,30 @@ class ThreadPool(Pool):
             self._drop_cancelled_locked(task)
 
     def _join(self, timeout: float | None) -> None:
+        if getattr(self._own, "mine", False):
+            # A task, or a done-callback run by a worker or the supervisor, would wait
+            # for its own thread: the rest of the work needs that worker, the drain
+            # needs the supervisor, and the pool deadlocked. Raise, as the stdlib does
+            # (ThreadPoolExecutor's join says "cannot join current thread"), rather than
+            # return without waiting: the caller asked to wait and must not believe the
+            # work is done; code written for ThreadPoolExecutor sees the same error, and
+            # as there the shutdown has begun (no new tasks; the work still finishes).
+            raise RuntimeError(
+                "shutdown(wait=True) was called from one of the pool's own threads (in a "
+                "task, or a done-callback the pool ran), and cannot wait for the pool: "
+                "it would wait for itself. The shutdown has begun and the pool finishes "
+                "its work in the background; call shutdown(wait=False) there, or wait "
+                "from another thread"
+            )
         end = None if timeout is None else time.monotonic() + timeout
         me = threading.current_thread()
-        if me is not self._supervisor:
-            self._supervisor.join(timeout)
-            if self._supervisor.is_alive():  # (join(None) returns only once it exited)
-                # Out of time. As on the process backend, what is unfinished fails now
-                # with PoolTerminatedError and the pool closes: queued tasks never run.
-                # Unlike there, a running call cannot be stopped: it runs on in the
-                # background and its result is discarded.
-                self._terminate(f"shutdown(timeout={timeout}) ran out of time")
+        self._supervisor.join(timeout)
+        if self._supervisor.is_alive():  # (join(None) returns only once it exited)
+            # Out of time. As on the process backend, what is unfinished fails now
+            # with PoolTerminatedError and the pool closes: queued tasks never run.
+            # Unlike there, a running call cannot be stopped: it runs on in the
+            # background and its result is discarded.
+            self._terminate(f"shutdown(timeout={timeout}) ran out of time")
         with self._lock:
             threads = [
                 (w, w.thread)
