@@ -8,11 +8,16 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures as cf
+import gc
 import logging
 import os
 import pickle
+import subprocess
+import sys
+import textwrap
 import threading
 import time
+import weakref
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -259,6 +264,83 @@ def test_shutdown_with_wait_from_the_pools_own_thread_raises_instead_of_deadlock
         pool.shutdown(wait=True, timeout=10)
         gate.close()
     assert pool.stats.state == "closed"
+
+
+_EXIT_WITHOUT_SHUTDOWN = textwrap.dedent(
+    """
+    import os, sys
+    from shmcompute.pool import Pool
+    from tests import _pool_tasks as T
+    pool = Pool(1, backend=sys.argv[1])
+    for i in range(3):
+        f = pool.submit(T.sleep_for, 0.1)
+        f.add_done_callback(lambda f, i=i: os.write(1, f"done {i}\\n".encode()))
+    # The script ends here without shutdown(), with the work still queued.
+    """
+)
+
+
+def test_queued_work_runs_to_completion_at_interpreter_exit(backend: str) -> None:
+    # Like ThreadPoolExecutor: work submitted and never waited for still runs when the
+    # program ends. The thread backend's daemon threads were cut off at exit instead.
+    proc = subprocess.run(
+        [sys.executable, "-c", _EXIT_WITHOUT_SHUTDOWN, backend],
+        capture_output=True,
+        text=True,
+        timeout=WAIT,
+        cwd=os.path.dirname(os.path.dirname(__file__)),
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert sorted(proc.stdout.splitlines()) == ["done 0", "done 1", "done 2"], proc.stderr
+
+
+def _join_all(threads: list[threading.Thread], timeout: float = 10.0) -> list[threading.Thread]:
+    """Join (bounded); returns the threads still alive."""
+    deadline = time.monotonic() + timeout
+    for t in threads:
+        t.join(max(0.0, deadline - time.monotonic()))
+    return [t for t in threads if t.is_alive()]
+
+
+def _threads_of(pool: ThreadPool) -> list[threading.Thread]:
+    return [w.thread for w in pool._workers.values() if w.thread] + [pool._supervisor]
+
+
+def test_a_dropped_thread_pool_is_collected_and_its_threads_exit() -> None:
+    # Like ThreadPoolExecutor: a pool dropped without shutdown() must not leak its
+    # threads. They held the pool (and so themselves) alive forever.
+    pool = ThreadPool(2)
+    assert pool.submit(T.square, 3).result(WAIT) == 9
+    released = threading.Event()
+    pool._on_close(released.set)  # what a transform's team of threads registers
+    threads = _threads_of(pool)
+    ref = weakref.ref(pool)
+    del pool
+    gc.collect()
+    assert ref() is None
+    assert not _join_all(threads)
+    assert released.is_set()
+
+
+def test_a_dropped_thread_pool_finishes_its_work_first(counter: shc.SharedArray) -> None:
+    # As with ThreadPoolExecutor, dropping the pool and the futures loses no work: the
+    # pool lives while a worker runs a task, and its workers take the queued ones first.
+    pool = ThreadPool(1)
+    gate = Event()
+    try:
+        pool.submit(T.count_and_wait, counter, gate)
+        pool.submit(T.count, counter, 1)  # queued
+        threads = _threads_of(pool)
+        ref = weakref.ref(pool)
+        del pool
+        wait_count(counter, 1)  # running: it holds the pool
+        gate.set()
+        assert not _join_all(threads)
+        assert ref() is None
+        assert int(counter.array[1]) == 1  # the queued task ran
+    finally:
+        gate.set()
+        gate.close()
 
 
 def test_shutdown_without_wait_finishes_in_background(make_pool: Callable[..., Pool]) -> None:

@@ -22,12 +22,18 @@ Each worker owns a slot of ``TW_WORDS`` words in a page of the pool's private in
 words, which ends with the ``gil`` word. An abandoned thread keeps its slot until its
 call returns (it still bumps its ``done`` word then); when hung calls hold every slot,
 the pool adds a page instead of refusing to replace a worker.
+
+Lifetime, as ``ThreadPoolExecutor``: the threads hold the pool only weakly while they
+wait, so a pool its owner drops is collected, and its finalizer wakes them to exit; at
+interpreter exit, before daemon threads are cut off, every pool runs its queued and
+running tasks to completion (``_drain_at_exit``).
 """
 
 from __future__ import annotations
 
 import threading
 import time
+import weakref
 from collections.abc import Callable
 from concurrent.futures import _base as _fb
 from typing import Any
@@ -111,6 +117,10 @@ class ThreadPool(Pool):
     ``PoolTerminatedError`` and the pool closes, as on the process backend. In both
     cases a running call goes on in the background until it returns, and its result is
     discarded.
+
+    As with ``ThreadPoolExecutor``, tasks still queued or running at interpreter exit
+    run to completion (those of timed-out tasks are not waited for), and a pool dropped
+    without ``shutdown()`` lets its threads exit once its work is done.
     """
 
     backend = "thread"
@@ -173,13 +183,28 @@ class ThreadPool(Pool):
         self._wake = threading.Condition(self._lock)  # wakes the supervisor (_poke_locked)
         self._own = threading.local()  # .mine: True in this pool's own threads (_join)
         self._pokes = 0
+        # The threads hold only this: a dropped pool is collected, and the finalizer
+        # (which must not hold the pool either) wakes them to exit and runs the close
+        # callbacks (a transform team's threads end there). It takes the callback list
+        # itself: base.py replaces that list only when the pool closes, and _closed
+        # detaches the finalizer first.
+        self._ref = weakref.ref(self)
+        self._finalizer = weakref.finalize(
+            self, _dropped, self._pages, self._capacity, self._wake, self._close_callbacks
+        )
+        self._finalizer.atexit = False  # at exit, _drain_at_exit has closed the pool
         with self._lock:
             for _ in range(self._max_workers):
                 self._start_worker_locked()
         self._supervisor = threading.Thread(
-            target=self._supervise, name=f"{self._prefix}-supervisor", daemon=True
+            target=_supervise,
+            args=(self._ref, self._wake),
+            name=f"{self._prefix}-supervisor",
+            daemon=True,
         )
         self._supervisor.start()
+        with _live_lock:
+            _live.add(self)
 
     # --- workers ------------------------------------------------------------------------
     def _slot(self, index: int) -> tuple[np.ndarray, int]:
@@ -213,7 +238,7 @@ class ThreadPool(Pool):
         words[base : base + TW_WORDS] = 0
         wk = _Worker(index, self._restarts[index], words, base)
         wk.thread = threading.Thread(
-            target=self._run_worker, args=(wk,), name=f"{self._prefix}_{index}", daemon=True
+            target=_work, args=(self._ref, wk), name=f"{self._prefix}_{index}", daemon=True
         )
         self._workers[index] = wk
         wk.thread.start()
@@ -221,51 +246,6 @@ class ThreadPool(Pool):
 
     def _live_locked(self) -> list[_Worker]:
         return [w for w in self._workers.values() if not (w.abandoned or w.retiring)]
-
-    def _run_worker(self, wk: _Worker) -> None:
-        self._own.mine = True
-        words = wk.words
-        bell_i = wk.base + TW_BELL
-        done_i = wk.base + TW_DONE
-        gil_i = self._gil_i
-        if self._initializer is not None:
-            try:
-                self._initializer(*self._initargs)
-            except BaseException as e:
-                self._worker_init_failed(wk, e)
-                return
-        with self._lock:
-            self._init_failures = 0
-        wk.ready.set()
-        publish = -1  # TW_DONE index to bump once the GIL is released, or -1
-        while True:
-            with self._lock:
-                task = wk.task
-                if task is None and not (wk.retiring or wk.abandoned):
-                    task = self._next_task_locked(wk)
-                if task is None:
-                    if wk.retiring or wk.abandoned or self._state == CLOSED:
-                        break
-                    if not wk.idle:
-                        wk.idle = True
-                        self._idle.append(wk)
-                    bell = int(words[bell_i])
-            if task is None:
-                # Release the GIL, then publish the finished task, then sleep.
-                _spin.publish_and_park(
-                    words, publish, bell_i, bell, _PARK_TIMEOUT, gil_i, _HANDOFF_NS
-                )
-                publish = -1
-                continue
-            if publish >= 0:
-                _spin.publish_and_park(words, publish, bell_i, -1, 0.0, gil_i, 0)
-                publish = -1
-            self._run_task(wk, task)
-            publish = done_i
-        if publish >= 0:
-            _spin.publish_and_park(words, publish, bell_i, -1, 0.0, gil_i, 0)
-        with self._lock:
-            self._worker_exited_locked(wk)
 
     def _next_task_locked(self, wk: _Worker) -> _Task | None:
         while self._queue:
@@ -320,6 +300,13 @@ class ThreadPool(Pool):
         task.kwargs = {}
         if counted:
             _resolve(task.future, ok, value)
+        # Break the cycles a finished task leaves (its future refers to it, and a
+        # failure's traceback to this frame), as ThreadPoolExecutor's work items do: the
+        # future refers to the pool, and a pool its owner dropped is then freed as soon
+        # as its worker parks, not at the garbage collector's next pass. (A caller reads
+        # future._task only to spin while the future is running.)
+        task.future._task = None
+        task = value = None  # type: ignore[assignment]
 
     def _worker_init_failed(self, wk: _Worker, error: BaseException) -> None:
         failed: list[_Task] = []
@@ -388,47 +375,46 @@ class ThreadPool(Pool):
         _spin.spin_until_at_least(words, base + TW_DONE, task.target, self._spin_ns, self._gil_i)
 
     # --- supervision: timeouts, backlog, shutdown -----------------------------------------
-    def _supervise(self) -> None:
-        self._own.mine = True
+    def _supervise_step(self) -> float | None:
+        """One look, with the lock held (dropped while it checks the backlog and fails a
+        timed-out task): abandon overdue tasks, report a backlog. Returns seconds until
+        the next look is due (0: at once), or None once there is nothing left to watch."""
+        if self._state == CLOSED or (self._state == DRAINING and self._outstanding == 0):
+            return None
+        pokes = self._pokes
+        now = time.monotonic_ns()
+        due = []
+        for wk in list(self._workers.values()):
+            task = wk.task
+            if task is None or task.timeout is None or wk.abandoned:
+                continue
+            left = task.timeout - (now - task.started_ns) / 1e9
+            if left > 0:
+                due.append(left)
+                continue
+            self._abandon_locked(wk, task)
+        self._lock.release()
         try:
-            self._supervise_loop()
-        except BaseException as e:
-            # A bug here must not leave futures that never resolve and a shutdown that
-            # waits for them forever (a failure to replace a worker once killed this
-            # thread and left the pool that way): end the pool, failing what is left.
-            _log.exception("shmcompute thread pool: its supervisor failed; closing the pool")
-            self._terminate(f"the pool's supervisor thread failed ({e!r}; see the log)")
-            return
-        self._close()
+            backlog = self._check_backlog(now)
+        finally:
+            self._lock.acquire()
+        if backlog is not None:
+            due.append(backlog)
+        if self._state == CLOSED or (self._state == DRAINING and self._outstanding == 0):
+            return None
+        if self._pokes != pokes:  # something changed while the lock was free
+            return 0.0
+        return max(0.001, min(due)) if due else 60.0
 
-    def _supervise_loop(self) -> None:
-        with self._lock:
-            while True:
-                if self._state == CLOSED or (self._state == DRAINING and self._outstanding == 0):
-                    break
-                pokes = self._pokes
-                now = time.monotonic_ns()
-                due = []
-                for wk in list(self._workers.values()):
-                    task = wk.task
-                    if task is None or task.timeout is None or wk.abandoned:
-                        continue
-                    left = task.timeout - (now - task.started_ns) / 1e9
-                    if left > 0:
-                        due.append(left)
-                        continue
-                    self._abandon_locked(wk, task)
-                self._lock.release()
-                try:
-                    backlog = self._check_backlog(now)
-                finally:
-                    self._lock.acquire()
-                if backlog is not None:
-                    due.append(backlog)
-                if self._state == CLOSED or (self._state == DRAINING and self._outstanding == 0):
-                    break
-                if self._pokes == pokes:  # nothing changed while the lock was free
-                    self._wake.wait(max(0.001, min(due)) if due else 60.0)
+    def _supervisor_failed(self, error: BaseException) -> None:
+        # A bug in the supervisor must not leave futures that never resolve and a
+        # shutdown that waits for them forever (a failure to replace a worker once
+        # killed it and left the pool that way): end the pool, failing what is left.
+        _log.error(
+            "shmcompute thread pool: its supervisor failed; closing the pool",
+            exc_info=error,
+        )
+        self._terminate(f"the pool's supervisor thread failed ({error!r}; see the log)")
 
     def _abandon_locked(self, wk: _Worker, task: _Task) -> None:
         wk.abandoned = True
@@ -461,12 +447,15 @@ class ThreadPool(Pool):
     def _closed(self) -> None:
         """Just closed: run the close callbacks and tell every worker to exit once its
         task is done (each exits at once if idle)."""
+        self._finalizer.detach()  # (its work is done here)
         self._run_close_callbacks()
         with self._lock:
             for wk in self._workers.values():
                 wk.retiring = True
                 _spin.ring(wk.words, wk.base + TW_BELL)
             self._poke_locked()  # the supervisor, if it still runs, exits
+        with _live_lock:
+            _live.discard(self)
 
     def _terminate(self, why: str) -> None:
         """Close the pool now: fail every queued and running task with
@@ -531,6 +520,11 @@ class ThreadPool(Pool):
                 "its work in the background; call shutdown(wait=False) there, or wait "
                 "from another thread"
             )
+        self._wait_closed(timeout, abandoned=True)
+
+    def _wait_closed(self, timeout: float | None, abandoned: bool) -> None:
+        """Wait (bounded by ``timeout``) for the drain, then for the threads; those of
+        timed-out tasks only if ``abandoned``."""
         end = None if timeout is None else time.monotonic() + timeout
         me = threading.current_thread()
         self._supervisor.join(timeout)
@@ -544,7 +538,7 @@ class ThreadPool(Pool):
             threads = [
                 (w, w.thread)
                 for w in self._workers.values()
-                if w.thread is not None and w.thread is not me
+                if w.thread is not None and w.thread is not me and (abandoned or not w.abandoned)
             ]
         for _, t in threads:
             t.join(None if end is None else max(0.0, end - time.monotonic()))
@@ -616,3 +610,147 @@ class ThreadPool(Pool):
                 for wk in self._workers.values()
                 if not wk.abandoned
             ]
+
+
+# --- the threads: they hold the pool weakly while they wait --------------------------------
+def _work(ref: weakref.ref[ThreadPool], wk: _Worker) -> None:
+    """A worker thread's life. Parked, it holds no reference to the pool (nor to a task,
+    whose future refers to it): a pool its owner dropped is collected, and its finalizer
+    rings this worker's bell; the worker then finds the pool gone and exits."""
+    pool = ref()
+    if pool is None:  # pragma: no cover - the pool holds itself alive while it starts us
+        return
+    pool._own.mine = True
+    words = wk.words
+    bell_i = wk.base + TW_BELL
+    done_i = wk.base + TW_DONE
+    gil_i = pool._gil_i
+    if pool._initializer is not None:
+        try:
+            pool._initializer(*pool._initargs)
+        except BaseException as e:
+            pool._worker_init_failed(wk, e)
+            return
+    with pool._lock:
+        pool._init_failures = 0
+    wk.ready.set()
+    publish = -1  # TW_DONE index to bump once the GIL is released, or -1
+    while True:
+        with pool._lock:
+            task = wk.task
+            if task is None and not (wk.retiring or wk.abandoned):
+                task = pool._next_task_locked(wk)
+            if task is None:
+                if wk.retiring or wk.abandoned or pool._state == CLOSED:
+                    break
+                if not wk.idle:
+                    wk.idle = True
+                    pool._idle.append(wk)
+                bell = int(words[bell_i])
+        if task is None:
+            # (If this was the last reference, the finalizer has run, in this thread, and
+            # moved the bell: the park below returns at once. Run by another thread, it
+            # moves the bell that was read under the lock: the same.)
+            del pool
+            # Release the GIL, then publish the finished task, then sleep.
+            _spin.publish_and_park(words, publish, bell_i, bell, _PARK_TIMEOUT, gil_i, _HANDOFF_NS)
+            publish = -1
+            pool = ref()
+            if pool is None:
+                return  # dropped by its owner and collected
+            continue
+        if publish >= 0:
+            _spin.publish_and_park(words, publish, bell_i, -1, 0.0, gil_i, 0)
+            publish = -1
+        pool._run_task(wk, task)
+        publish = done_i
+    if publish >= 0:
+        _spin.publish_and_park(words, publish, bell_i, -1, 0.0, gil_i, 0)
+    with pool._lock:
+        pool._worker_exited_locked(wk)
+
+
+def _supervise(ref: weakref.ref[ThreadPool], wake: threading.Condition) -> None:
+    """The supervisor thread's life (``ThreadPool._supervise_step``). It holds the pool
+    only while it looks, not while it waits; the finalizer of a dropped pool wakes it."""
+    pool = ref()
+    if pool is None:  # pragma: no cover - the pool holds itself alive while it starts us
+        return
+    pool._own.mine = True
+    failure = None
+    with wake:  # the pool's lock
+        while True:
+            try:
+                wait_s = pool._supervise_step()
+            except BaseException as e:
+                failure = e
+                break
+            if wait_s is None:
+                break
+            if wait_s > 0:
+                # (If this was the last reference, the finalizer ran here, under the
+                # lock, which is re-entrant; it found no one waiting, hence the look
+                # below. Run by another thread, it takes the lock, so it notifies only
+                # once this thread waits.)
+                del pool
+                if ref() is None:
+                    return
+                wake.wait(wait_s)
+                pool = ref()
+                if pool is None:
+                    return  # dropped by its owner and collected
+    # Without the lock: both end in futures resolving, and so in user callbacks.
+    if failure is not None:
+        pool._supervisor_failed(failure)
+    else:
+        pool._close()
+
+
+def _dropped(
+    pages: list[np.ndarray],
+    capacity: int,
+    wake: threading.Condition,
+    callbacks: list[Callable[[], Any]],
+) -> None:
+    """A pool was collected without shutdown(): wake its threads so they exit (each
+    finds the pool gone), and run its close callbacks. Rings every slot's bell: a free
+    slot's is reset at its next start. (It may run in the supervisor, holding the pool's
+    lock: the close callbacks are shmcompute's own, and none takes that lock.)"""
+    for words in pages:
+        for i in range(capacity):
+            _spin.ring(words, i * TW_WORDS + TW_BELL)
+    with wake:
+        wake.notify_all()
+    for cb in callbacks:
+        try:
+            cb()
+        except Exception:  # pragma: no cover - a release must not stop the others
+            _log.exception("shmcompute thread pool: a close callback failed")
+
+
+# Pools not yet closed, for the exit hook (weakly: the hook must not keep them alive).
+# The lock: a set must not change while the hook copies it (a pool closing in another
+# thread); entries of collected pools leave by themselves, safely during a copy.
+_live: weakref.WeakSet[ThreadPool] = weakref.WeakSet()
+_live_lock = threading.Lock()
+
+
+def _drain_at_exit() -> None:
+    """At interpreter exit, before daemon threads are cut off, let every pool finish its
+    queued and running tasks, as ``ThreadPoolExecutor`` does; threads whose tasks timed
+    out are not waited for (their tasks failed already, and their calls may never
+    return)."""
+    with _live_lock:
+        pools = list(_live)
+    for pool in pools:  # all drain at once
+        pool.shutdown(wait=False)
+    for pool in pools:
+        pool._wait_closed(None, abandoned=False)
+
+
+try:
+    # Runs before the interpreter joins non-daemon threads; ThreadPoolExecutor's own
+    # exit hook is registered the same way.
+    threading._register_atexit(_drain_at_exit)  # type: ignore[attr-defined]
+except RuntimeError:  # pragma: no cover - imported while the interpreter exits
+    pass
