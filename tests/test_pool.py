@@ -8,11 +8,16 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures as cf
+import gc
 import logging
 import os
 import pickle
+import subprocess
+import sys
+import textwrap
 import threading
 import time
+import weakref
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -251,6 +256,122 @@ def test_shutdown_cancel_futures(make_pool: Callable[..., Pool], counter: shc.Sh
         gate.close()
 
 
+@pytest.mark.parametrize("where", ["done-callback", "task"])
+def test_shutdown_with_wait_from_the_pools_own_thread_raises_instead_of_deadlocking(
+    where: str, counter: shc.SharedArray
+) -> None:
+    # shutdown(wait=True) on one of the pool's threads waited for that very thread:
+    # the pool deadlocked. Like ThreadPoolExecutor, it raises RuntimeError; the shutdown
+    # has begun all the same and the pool still finishes its work.
+    # (Thread backend only: the process backend's collector thread, which runs
+    # done-callbacks, still has this trap.)
+    pool = ThreadPool(1)
+    raised: list[BaseException] = []
+
+    def shut_down(*_: Any) -> None:
+        try:
+            pool.shutdown()  # wait=True
+        except RuntimeError as e:
+            raised.append(e)
+
+    gate = Event()
+    try:
+        if where == "task":
+            first = pool.submit(lambda: gate.wait(WAIT) and shut_down())
+        else:
+            first = pool.submit(T.count_and_wait, counter, gate)
+            first.add_done_callback(shut_down)
+        second = pool.submit(T.square, 32)
+        gate.set()
+        assert second.result(10) == 1024
+        first.result(10)
+        assert len(raised) == 1 and "the pool's own threads" in str(raised[0])
+        with pytest.raises(RuntimeError, match="after shutdown"):
+            pool.submit(T.square, 1)
+    finally:
+        gate.set()
+        pool.shutdown(wait=True, timeout=10)
+        gate.close()
+    assert pool.stats.state == "closed"
+
+
+_EXIT_WITHOUT_SHUTDOWN = textwrap.dedent(
+    """
+    import os, sys
+    from shmcompute.pool import Pool
+    from tests import _pool_tasks as T
+    pool = Pool(1, backend=sys.argv[1])
+    for i in range(3):
+        f = pool.submit(T.sleep_for, 0.1)
+        f.add_done_callback(lambda f, i=i: os.write(1, f"done {i}\\n".encode()))
+    # The script ends here without shutdown(), with the work still queued.
+    """
+)
+
+
+def test_queued_work_runs_to_completion_at_interpreter_exit(backend: str) -> None:
+    # Like ThreadPoolExecutor: work submitted and never waited for still runs when the
+    # program ends. The thread backend's daemon threads were cut off at exit instead.
+    proc = subprocess.run(
+        [sys.executable, "-c", _EXIT_WITHOUT_SHUTDOWN, backend],
+        capture_output=True,
+        text=True,
+        timeout=WAIT,
+        cwd=os.path.dirname(os.path.dirname(__file__)),
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert sorted(proc.stdout.splitlines()) == ["done 0", "done 1", "done 2"], proc.stderr
+
+
+def _join_all(threads: list[threading.Thread], timeout: float = 10.0) -> list[threading.Thread]:
+    """Join (bounded); returns the threads still alive."""
+    deadline = time.monotonic() + timeout
+    for t in threads:
+        t.join(max(0.0, deadline - time.monotonic()))
+    return [t for t in threads if t.is_alive()]
+
+
+def _threads_of(pool: ThreadPool) -> list[threading.Thread]:
+    return [w.thread for w in pool._workers.values() if w.thread] + [pool._supervisor]
+
+
+def test_a_dropped_thread_pool_is_collected_and_its_threads_exit() -> None:
+    # Like ThreadPoolExecutor: a pool dropped without shutdown() must not leak its
+    # threads. They held the pool (and so themselves) alive forever.
+    pool = ThreadPool(2)
+    assert pool.submit(T.square, 3).result(WAIT) == 9
+    released = threading.Event()
+    pool._on_close(released.set)  # what a transform's team of threads registers
+    threads = _threads_of(pool)
+    ref = weakref.ref(pool)
+    del pool
+    gc.collect()
+    assert ref() is None
+    assert not _join_all(threads)
+    assert released.is_set()
+
+
+def test_a_dropped_thread_pool_finishes_its_work_first(counter: shc.SharedArray) -> None:
+    # As with ThreadPoolExecutor, dropping the pool and the futures loses no work: the
+    # pool lives while a worker runs a task, and its workers take the queued ones first.
+    pool = ThreadPool(1)
+    gate = Event()
+    try:
+        pool.submit(T.count_and_wait, counter, gate)
+        pool.submit(T.count, counter, 1)  # queued
+        threads = _threads_of(pool)
+        ref = weakref.ref(pool)
+        del pool
+        wait_count(counter, 1)  # running: it holds the pool
+        gate.set()
+        assert not _join_all(threads)
+        assert ref() is None
+        assert int(counter.array[1]) == 1  # the queued task ran
+    finally:
+        gate.set()
+        gate.close()
+
+
 def test_shutdown_without_wait_finishes_in_background(make_pool: Callable[..., Pool]) -> None:
     pool = make_pool()
     futures = [pool.submit(T.square, i) for i in range(50)]
@@ -294,6 +415,29 @@ def test_task_timeout_fails_the_task_and_pool_stays_usable(
     finally:
         gate.set()
         gate.close()
+
+
+def test_hung_tasks_past_their_timeout_never_break_the_pool(
+    make_pool: Callable[..., Pool],
+) -> None:
+    # A thread cannot be killed: a timed-out task's thread is abandoned and keeps its
+    # worker slot until its call returns. Once hung calls held every slot (2 x workers
+    # + 2), the next timeout killed the thread pool's supervisor: later tasks never
+    # timed out (one even succeeded), or never ran, and shutdown() left it draining.
+    pool = make_pool(1)
+    gate = Event()
+    try:
+        hung = [pool.options(timeout=0.2).submit(T.block, gate, WAIT) for _ in range(6)]
+        for f in hung:
+            assert isinstance(f.exception(10), TaskTimeoutError)
+        assert pool.submit(T.square, 3).result(WAIT) == 9
+        s = pool.stats
+        assert (s.total, s.failed, s.completed) == (1, 6, 1)
+    finally:
+        gate.set()  # the abandoned threads return (thread backend)
+        pool.shutdown(wait=True, timeout=WAIT)
+        gate.close()
+    assert pool.stats.state == "closed"
 
 
 def test_thread_timeout_is_not_missed_while_the_supervisor_checks_the_backlog(
@@ -707,6 +851,8 @@ def test_backend_specific_arguments() -> None:
         Pool(2, backend="process", max_tasks_per_child=0)
     with pytest.raises(ArgumentTypeError, match="mp_context must be a multiprocessing"):
         Pool(2, backend="process", mp_context="fork")
+    with pytest.raises(ArgumentTypeError, match="thread_name_prefix must be a str, got int"):
+        ThreadPool(1, thread_name_prefix=5)  # type: ignore[arg-type]
 
 
 def test_pool_size_and_environment(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -730,6 +876,20 @@ def test_pool_size_and_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("SHMCOMPUTE_WORKERS", "0")
     with pytest.raises(ArgumentError, match="must be >= 1"):
         Pool(backend="thread")
+
+
+def test_pool_size_checks_its_arguments_when_the_environment_sets_the_size(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # A bad call must fail on every machine, not only where SHMCOMPUTE_WORKERS is unset.
+    monkeypatch.setenv("SHMCOMPUTE_WORKERS", "3")
+    with pytest.raises(ArgumentError, match="kind must be one of"):
+        pool_size("bogus")
+    with pytest.raises(ArgumentError, match="reserve must be >= 0, got -5"):
+        pool_size("cpu", reserve=-5)
+    with pytest.raises(ArgumentTypeError, match="reserve must be an int, got float"):
+        pool_size("cpu", reserve=1.5)  # type: ignore[arg-type]
+    assert pool_size("io", reserve=0) == 3  # valid arguments: the variable still wins
 
 
 def test_shared_arrays_travel_as_handles(make_pool: Callable[..., Pool]) -> None:

@@ -271,6 +271,31 @@ def test_shutdown_again_writes_nothing_into_a_file_that_took_the_wake_pipe_fd(
     assert pool.stats.state == "closed"
 
 
+@pytest.mark.parametrize("backend", ["process", "thread"])
+def test_shutdown_timeout_fails_running_and_queued_tasks(
+    backend: str, counter: shc.SharedArray
+) -> None:
+    # The documented contract of shutdown(timeout=...): past it, unfinished tasks fail
+    # with PoolTerminatedError. The thread backend only logged a warning: its queued
+    # task was still pending when shutdown() returned, and ran afterwards.
+    pool = Pool(1, backend=backend)
+    gate = Event()
+    try:
+        running = pool.submit(T.count_and_wait, counter, gate)
+        queued = pool.submit(T.count, counter, 1)
+        wait_count(counter, 1)
+        pool.shutdown(wait=True, timeout=0.2)
+        for f in (running, queued):  # resolved by the time shutdown() returns
+            assert isinstance(f.exception(0), PoolTerminatedError)
+        assert "ran out of time" in str(queued.exception(0))
+        assert pool.stats.state == "closed"
+    finally:
+        gate.set()  # (the thread backend's running call returns; its result is discarded)
+    pool.shutdown(wait=True, timeout=WAIT)  # joins that thread
+    assert int(counter.array[1]) == 0  # the queued task never ran
+    gate.close()
+
+
 # --- the parent dies, or is asked to stop ---------------------------------------------------
 _PARENT = textwrap.dedent(
     """
@@ -448,3 +473,33 @@ def test_a_failure_while_collecting_terminates_the_pool_instead_of_hanging(
     pool.shutdown(wait=True)  # ...and shutting down has nothing left to wait for
     assert pool.stats.state == "closed"
     assert "collecting results failed" in caplog.text
+
+
+@pytest.mark.parametrize("backend", ["process", "thread"])
+def test_a_supervisor_failure_closes_the_pool_and_fails_what_is_outstanding(
+    backend: str, counter: shc.SharedArray, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Should the supervisor ever fail (a bug), the pool must fail what is outstanding
+    # and close, not leave futures that never resolve and a shutdown() that waits for
+    # them forever (the thread backend's supervisor used to just die).
+    pool = Pool(1, backend=backend)
+    gate = Event()
+    try:
+        running = pool.submit(T.count_and_wait, counter, gate)
+        wait_count(counter, 1)
+
+        def broken(now: int) -> Any:
+            raise RuntimeError("supervisor bug (simulated)")
+
+        pool._check_backlog = broken  # type: ignore[method-assign]
+        queued = pool.submit(T.square, 2)  # a backlog starts: the supervisor looks
+        for f in (running, queued):
+            assert isinstance(f.exception(10), PoolTerminatedError)
+    finally:
+        gate.set()  # (the thread backend's running call returns; its result is discarded)
+        pool.shutdown(wait=True, timeout=WAIT)  # nothing left to wait for
+        gate.close()
+    assert pool.stats.state == "closed"
+    with pytest.raises(RuntimeError, match="after shutdown"):
+        pool.submit(T.square, 1)
+    assert "supervisor failed" in caplog.text

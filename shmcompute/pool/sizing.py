@@ -26,9 +26,8 @@ def pool_size(kind: str = "cpu", reserve: int = 1) -> int:
 
     >>> pool_size("cpu")        # on 8 cores: 7
     """
-    env = os.environ.get(ENV_WORKERS)
-    if env is not None and env.strip():
-        return _parse_env(env)
+    # Arguments are checked even when the environment variable decides the size: a bad
+    # call must fail the same way on every machine, not only where the variable is unset.
     if kind not in _FACTORS:
         raise ArgumentError(
             f"kind must be one of {sorted(_FACTORS)}, got {kind!r} ('cpu' for compute, "
@@ -38,6 +37,9 @@ def pool_size(kind: str = "cpu", reserve: int = 1) -> int:
         raise ArgumentTypeError(f"reserve must be an int, got {type(reserve).__name__}")
     if reserve < 0:
         raise ArgumentError(f"reserve must be >= 0, got {reserve}")
+    env = os.environ.get(ENV_WORKERS)
+    if env is not None and env.strip():
+        return _parse_env(env)
     return max(1, usable_cores() - reserve) * _FACTORS[kind]
 
 
