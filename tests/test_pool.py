@@ -256,23 +256,28 @@ def test_shutdown_cancel_futures(make_pool: Callable[..., Pool], counter: shc.Sh
         gate.close()
 
 
-@pytest.mark.parametrize("where", ["done-callback", "task"])
+@pytest.mark.parametrize(
+    ("backend", "where"),
+    [("thread", "done-callback"), ("thread", "task"), ("process", "done-callback")],
+)
 def test_shutdown_with_wait_from_the_pools_own_thread_raises_instead_of_deadlocking(
-    where: str, counter: shc.SharedArray
+    backend: str, where: str, counter: shc.SharedArray
 ) -> None:
-    # shutdown(wait=True) on one of the pool's threads waited for that very thread:
-    # the pool deadlocked. Like ThreadPoolExecutor, it raises RuntimeError; the shutdown
-    # has begun all the same and the pool still finishes its work.
-    # (Thread backend only: the process backend's collector thread, which runs
-    # done-callbacks, still has this trap.)
-    pool = ThreadPool(1)
+    # shutdown(wait=True) on one of the pool's threads (a thread worker, or the thread
+    # that runs done-callbacks: a thread worker, the process backend's collector) waited
+    # for that very thread: the pool deadlocked. Like ThreadPoolExecutor, it raises
+    # RuntimeError; the shutdown has begun all the same and the pool finishes its work.
+    pool = Pool(1, backend=backend)
     raised: list[BaseException] = []
+    called = threading.Event()
 
     def shut_down(*_: Any) -> None:
         try:
             pool.shutdown()  # wait=True
         except RuntimeError as e:
             raised.append(e)
+        finally:
+            called.set()
 
     gate = Event()
     try:
@@ -283,6 +288,9 @@ def test_shutdown_with_wait_from_the_pools_own_thread_raises_instead_of_deadlock
             first.add_done_callback(shut_down)
         second = pool.submit(T.square, 32)
         gate.set()
+        # (a plain wait: a caller spinning in result() would collect the results and run
+        # the callback itself, on this thread, rather than the pool's collector)
+        assert called.wait(WAIT)
         assert second.result(10) == 1024
         first.result(10)
         assert len(raised) == 1 and "the pool's own threads" in str(raised[0])

@@ -350,8 +350,20 @@ class Supervision(Pool):
             self._wake_supervisor()
 
     def _join(self, timeout: float | None) -> None:
-        if threading.current_thread() is self._supervisor:
+        me = threading.current_thread()
+        if me is self._supervisor:
             return
+        if me is self._collector:
+            # A done-callback run by the collector: the drain needs this very thread to
+            # collect the results still out, so waiting here deadlocked. Raise, as the
+            # thread backend and ThreadPoolExecutor do; the shutdown has begun.
+            raise RuntimeError(
+                "shutdown(wait=True) was called from one of the pool's own threads (a "
+                "done-callback the pool's collector ran), and cannot wait for the pool: "
+                "it would wait for itself. The shutdown has begun and the pool finishes "
+                "its work in the background; call shutdown(wait=False) there, or wait "
+                "from another thread"
+            )
         self._supervisor.join(timeout)
         if self._supervisor.is_alive():
             self._force = True
