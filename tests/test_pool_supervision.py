@@ -25,7 +25,7 @@ import pytest
 
 import shmcompute as shc
 from shmcompute.errors import PoolTerminatedError, TaskTimeoutError, WorkerCrashedError
-from shmcompute.pool import Pool, ProcessPool
+from shmcompute.pool import Pool, ProcessPool, supervisor
 from shmcompute.sync import Event
 from tests import _pool_tasks as T
 from tests.test_pool import WAIT, wait_count
@@ -453,13 +453,23 @@ def test_a_dropped_pool_finishes_its_work_then_releases_everything() -> None:
 
 
 def test_a_failure_while_collecting_terminates_the_pool_instead_of_hanging(
-    caplog: pytest.LogCaptureFixture,
+    caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # Collecting results relies on invariants of the rings. Should one ever break (a
     # bug), the pool must fail what is outstanding and shut down, not leave futures that
     # never resolve and a shutdown() that waits for them forever.
     pool = ProcessPool(1)
     assert pool.submit(T.square, 2).result(WAIT) == 4
+    # The teardown takes no new task from its start: one submitted after it took the
+    # leftovers would never resolve (the forced teardown began in 'running').
+    states: list[str] = []
+    stop_workers = supervisor._stop_workers
+
+    def stopping(*args: Any) -> Any:
+        states.append(pool._state)
+        return stop_workers(*args)
+
+    monkeypatch.setattr(supervisor, "_stop_workers", stopping)
 
     def broken(*args: Any, **kwargs: Any) -> Any:
         raise RuntimeError("result ring out of order (simulated)")
@@ -473,6 +483,7 @@ def test_a_failure_while_collecting_terminates_the_pool_instead_of_hanging(
     pool.shutdown(wait=True)  # ...and shutting down has nothing left to wait for
     assert pool.stats.state == "closed"
     assert "collecting results failed" in caplog.text
+    assert states == ["draining"]
 
 
 @pytest.mark.parametrize("backend", ["process", "thread"])

@@ -373,6 +373,11 @@ class Supervision(Pool):
     def _teardown(self) -> None:
         force = self._force
         with self._lock:
+            # No new tasks from here on: a forced teardown (the pool broke while running)
+            # comes in RUNNING, and a task submitted after the leftovers below are taken
+            # would never resolve.
+            if self._state == RUNNING:
+                self._set_state(DRAINING)
             procs = list(self._procs.values())
             for p in procs:
                 p.retiring = True
