@@ -354,11 +354,12 @@ class Barrier(_Shared):
             if (state >> self._LEAVING_SHIFT) & self._MASK:
                 # The last round's parties are still leaving; the last one notifies.
                 if at.wait(w, self._STATE, state, _remaining(deadline)) == at.TIMED_OUT:
-                    if self._break(w, gen) is not None:
-                        raise BrokenBarrierError(
-                            f"timed out after {timeout} s waiting for the previous round's "
-                            "parties to leave; the barrier is now broken"
-                        )
+                    # This caller only: nobody has arrived in the new round, and breaking
+                    # it would tell the leavers their round (which passed) broke.
+                    raise BrokenBarrierError(
+                        f"timed out after {timeout} s before this party could arrive: the "
+                        "previous round's parties had not all left (the barrier is not broken)"
+                    )
                 state = at.load(w, self._STATE)
                 continue
             last = index == self._param - 1
@@ -371,24 +372,41 @@ class Barrier(_Shared):
             at.notify(w, self._STATE)
             return index
         passed = (gen + 2) & self._MASK
-        while True:
-            now = at.load(w, self._STATE)
-            if now >> self._GEN_SHIFT != gen:
-                if now >> self._GEN_SHIFT == passed:
-                    self._leave(w, passed)
-                    return index
-                raise BrokenBarrierError("the barrier was broken or reset while this party waited")
-            # Later arrivals change the word without a notify: wait then returns
-            # NOT_EQUAL and we wait again on the new value. A pass, abort or reset
-            # notifies after its CAS, so none is missed.
-            if at.wait(w, self._STATE, now, _remaining(deadline)) == at.TIMED_OUT:
-                arrived = self._break(w, gen)
-                if arrived is not None:
+        try:
+            while True:
+                now = at.load(w, self._STATE)
+                if now >> self._GEN_SHIFT != gen:
+                    if now >> self._GEN_SHIFT == passed:
+                        self._leave(w, passed)
+                        return index
                     raise BrokenBarrierError(
-                        f"timed out after {timeout} s with {arrived} of {self._param} "
-                        "parties arrived; the barrier is now broken"
+                        "the barrier was broken or reset while this party waited"
                     )
-                # else the generation moved just as we timed out: the loop says how
+                # Later arrivals change the word without a notify: wait then returns
+                # NOT_EQUAL and we wait again on the new value. A pass, abort or reset
+                # notifies after its CAS, so none is missed.
+                if at.wait(w, self._STATE, now, _remaining(deadline)) == at.TIMED_OUT:
+                    arrived = self._break(w, gen)
+                    if arrived is not None:
+                        raise BrokenBarrierError(
+                            f"timed out after {timeout} s with {arrived} of {self._param} "
+                            "parties arrived; the barrier is now broken"
+                        )
+                    # else the generation moved just as we timed out: the loop says how
+        except BrokenBarrierError:
+            raise
+        except BaseException:
+            # Anything else out of the wait (Ctrl-C: at.wait runs signal handlers) must
+            # not leave this party counted: before the pass, its count would let the
+            # round pass a party short; after it, the next round would wait for ever for
+            # it to leave. Break an unpassed round (as threading.Barrier does on an
+            # exception), or leave a passed one, then re-raise.
+            g = at.load(w, self._STATE) >> self._GEN_SHIFT
+            if g == gen:
+                self._break(w, gen)
+            elif g == passed:
+                self._leave(w, passed)
+            raise
 
     def _leave(self, w: NDArray[np.int64], gen: int) -> None:
         """Count this released party out of generation ``gen``'s leavers; the last one

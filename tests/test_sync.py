@@ -382,6 +382,97 @@ def test_barrier_next_round_waits_for_a_released_party_to_look(request, monkeypa
         assert b.statistics() == BarrierStatistics(2, 0, False, 4)
 
 
+def test_barrier_timeout_waiting_for_leavers_fails_only_that_caller(request, monkeypatch):
+    """Barrier(2): A waits, B opens the barrier and calls wait(timeout) again at once,
+    while A, woken, has not looked yet. B times out waiting for A to leave: B alone
+    raises; the round A passed is not reported broken to A, and the barrier works on."""
+    with closing(shc.Barrier(2)) as b:
+        woken, go = threading.Event(), threading.Event()
+        request.addfinalizer(go.set)
+
+        def wait(arr, index, expected, timeout=None):
+            r = at.wait(arr, index, expected, timeout)
+            if threading.current_thread().name == "A" and not woken.is_set():
+                woken.set()
+                assert go.wait(BOUND)
+            return r
+
+        monkeypatch.setattr(sync, "at", HookedAtomics(wait=wait))
+        got: dict = {}
+        a = barrier_party(b, "A", got)
+        a.start()
+        until(lambda: parked(b) == 1, "A parked")
+        assert b.wait(BOUND) == 1  # B opens generation 0
+        assert woken.wait(BOUND)  # A is awake but has not left
+        with pytest.raises(shc.BrokenBarrierError, match="the barrier is not broken"):
+            b.wait(0.05)
+        assert not b.broken
+        go.set()
+        a.join(BOUND)
+        assert got["A"] == 0, got  # its round passed
+        monkeypatch.undo()
+        c = barrier_party(b, "C", got)
+        c.start()
+        assert b.wait(BOUND) in (0, 1)
+        c.join(BOUND)
+        assert got["C"] in (0, 1) and not b.broken
+
+
+@pytest.mark.parametrize("when", ["before the pass", "after the pass"])
+def test_barrier_party_interrupted_in_its_wait_leaves_no_count_behind(request, monkeypatch, when):
+    """A party interrupted inside its wait (Ctrl-C: atomics.wait runs signal handlers)
+    must not stay counted. Before the pass its count let the round pass a party short
+    (here: B alone); after it, the next round waited for ever for it to leave."""
+    with closing(shc.Barrier(2)) as b:
+        asleep, go = threading.Event(), threading.Event()
+        request.addfinalizer(go.set)
+
+        def wait(arr, index, expected, timeout=None):
+            if threading.current_thread().name != "A":
+                return at.wait(arr, index, expected, timeout)
+            if when == "before the pass":
+                asleep.set()
+                assert go.wait(BOUND)
+                raise KeyboardInterrupt
+            at.wait(arr, index, expected, timeout)  # woken by the pass
+            raise KeyboardInterrupt  # ...and interrupted before it looked
+
+        monkeypatch.setattr(sync, "at", HookedAtomics(wait=wait))
+        got: dict = {}
+
+        def run_a():
+            try:
+                got["A"] = b.wait(BOUND)
+            except KeyboardInterrupt as e:
+                got["A"] = e
+
+        a = threading.Thread(target=run_a, name="A")
+        a.start()
+        if when == "before the pass":
+            assert asleep.wait(BOUND)
+            go.set()
+            a.join(BOUND)
+            assert isinstance(got["A"], KeyboardInterrupt)
+            # as threading.Barrier: an exception in a party breaks the round
+            assert b.broken
+            with pytest.raises(shc.BrokenBarrierError):
+                b.wait(BOUND)
+            b.reset()
+        else:
+            until(lambda: parked(b) == 1, "A parked")
+            assert b.wait(BOUND) == 1  # B passes with A
+            a.join(BOUND)
+            assert isinstance(got["A"], KeyboardInterrupt)
+            assert not b.broken
+        # either way the next round passes with two parties, no more and no less
+        monkeypatch.undo()
+        c = barrier_party(b, "C", got)
+        c.start()
+        assert b.wait(BOUND) in (0, 1)
+        c.join(BOUND)
+        assert got["C"] in (0, 1), got
+
+
 def test_barrier_more_callers_than_parties_pair_up():
     """3 threads call wait() on Barrier(2) over and over: every wait passes with exactly
     one partner (a party released late is not mistaken for broken when the next round
