@@ -343,11 +343,25 @@ def _threads_of(pool: ThreadPool) -> list[threading.Thread]:
     return [w.thread for w in pool._workers.values() if w.thread] + [pool._supervisor]
 
 
-def test_a_dropped_thread_pool_is_collected_and_its_threads_exit() -> None:
+def test_a_dropped_thread_pool_is_collected_and_its_threads_exit(
+    counter: shc.SharedArray,
+) -> None:
     # Like ThreadPoolExecutor: a pool dropped without shutdown() must not leak its
-    # threads. They held the pool (and so themselves) alive forever.
-    pool = ThreadPool(2)
-    assert pool.submit(T.square, 3).result(WAIT) == 9
+    # threads. They held the pool (and so themselves) alive forever. The caller keeps
+    # the futures, a done one, a failed one and a cancelled one: they do not keep the
+    # pool either (they did, through future._pool).
+    pool = ThreadPool(1)
+    gate = Event()
+    done = pool.submit(T.square, 3)
+    assert done.result(WAIT) == 9
+    failed = pool.submit(T.square, "x")
+    assert isinstance(failed.exception(WAIT), TypeError)
+    running = pool.submit(T.count_and_wait, counter, gate)
+    cancelled = pool.submit(T.square, 4)  # queued behind it
+    assert cancelled.cancel()
+    gate.set()
+    assert running.result(WAIT) == 1
+    gate.close()
     released = threading.Event()
     pool._on_close(released.set)  # what a transform's team of threads registers
     threads = _threads_of(pool)
@@ -357,6 +371,7 @@ def test_a_dropped_thread_pool_is_collected_and_its_threads_exit() -> None:
     assert ref() is None
     assert not _join_all(threads)
     assert released.is_set()
+    assert done.result(0) == 9 and cancelled.cancelled()  # (kept, and still usable)
 
 
 def test_a_dropped_thread_pool_finishes_its_work_first(counter: shc.SharedArray) -> None:

@@ -407,14 +407,18 @@ _DROPPED = textwrap.dedent(
 
     counter, gate = shc.zeros(8, np.int64), Event()
     pool = ProcessPool(1)
-    pool.submit(T.count_and_wait, counter, gate)
+    # The caller keeps the futures (a done one, a failed one, the job's): they must not
+    # keep the pool.
+    kept = [pool.submit(T.square, 3), pool.submit(T.square, "x")]
+    kept[0].result(30), kept[1].exception(30)
+    kept.append(pool.submit(T.count_and_wait, counter, gate))
     for _ in range(3):
-        pool.submit(T.count, counter, 1)  # queued behind it
+        kept.append(pool.submit(T.count, counter, 1))  # queued behind it
     while at.load(counter.array, 0) < 1:  # the first task runs
         at.wait(counter.array, 0, 0, 1.0)
     workers = [psutil.Process(p.pid) for p in pool._procs.values()]
     threads, seg = [pool._collector, pool._supervisor], pool._ctrl.name
-    del pool  # dropped without shutdown(), its futures too
+    del pool  # dropped without shutdown()
     gc.collect()
     gate.set()
     deadline = time.monotonic() + 30

@@ -115,6 +115,12 @@ class TaskFuture(Future[T]):
         self._waiters: list[Any] = []
         self._done_callbacks: list[Callable[[Future[T]], object]] = []
 
+    def cancel(self) -> bool:
+        if not super().cancel():
+            return False
+        self._pool = self._task = None  # (as _resolve: a kept future keeps no pool)
+        return True
+
     def _wait_finished(self, timeout: float | None) -> None:
         """Block until finished or cancelled (raises CancelledError, TimeoutError)."""
         pool, task = self._pool, self._task

@@ -568,6 +568,10 @@ def _resolve(fut: Future[Any], ok: bool, value: Any) -> None:
             fut.set_exception(value)
     except InvalidStateError:  # already failed by a timeout, or cancelled
         pass
+    # A resolved future needs its pool and task no more (result() spins on them only
+    # while the task runs): a future the caller keeps must not keep a pool it dropped,
+    # as with the stdlib's executors.
+    fut._pool = fut._task = None  # type: ignore[attr-defined]
 
 
 __all__ = ["Pool", "PoolStats", "TaskFuture", "WorkerHealth"]

@@ -307,6 +307,9 @@ class ThreadPool(Pool):
         # future._task only to spin while the future is running.)
         task.future._task = None
         task = value = None  # type: ignore[assignment]
+        # A failure's traceback holds this frame, and so its locals: without this the
+        # exception a caller keeps (in a future) would keep the pool alive.
+        del self, wk
 
     def _worker_init_failed(self, wk: _Worker, error: BaseException) -> None:
         failed: list[_Task] = []
