@@ -426,10 +426,10 @@ class SharedArray:
             _unlink_quietly(name)
             if registered:
                 _tracker_unregister(name)
-            try:
-                mm.close()
-            except BufferError:  # a frame of the traceback holds a view: freed with it
-                pass
+            # Not mm.close(): as everywhere (see _State.close), the mapping goes when the
+            # mmap object does, and its registry entry with it (_track_mapping). Closed
+            # here, its address could be mapped again while the entry's finalizer still
+            # waits for this frame to let go, and would then remove the new entry.
             raise
         handle = SharedArrayHandle(name, dims, dt)
         return cls._new(_State(name, mm, view, owner=True), handle)
