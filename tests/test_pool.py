@@ -331,6 +331,57 @@ def test_queued_work_runs_to_completion_at_interpreter_exit(backend: str) -> Non
     assert sorted(proc.stdout.splitlines()) == ["done 0", "done 1", "done 2"], proc.stderr
 
 
+_FORK_WHILE_A_THREAD_HOLDS_THE_POOL_LIST = textwrap.dedent(
+    """
+    import os, sys, threading
+    from shmcompute.pool import ThreadPool, thread
+    from tests import _pool_tasks as T
+    pool = ThreadPool(1)
+    assert pool.submit(T.square, 3).result(30) == 9
+    held, done = threading.Event(), threading.Event()
+    def hold():
+        with thread._live_lock:  # (as a pool being made or closed in another thread)
+            held.set()
+            done.wait(30)
+    t = threading.Thread(target=hold)
+    t.start()
+    held.wait(30)
+    pid = os.fork()
+    if pid == 0:
+        sys.exit(0)  # a normal exit: the exit hooks run, the pool drain's among them
+    done.set()
+    t.join(30)
+    for _ in range(300):  # 30 s at most
+        got, status = os.waitpid(pid, os.WNOHANG)
+        if got:
+            break
+        threading.Event().wait(0.1)
+    else:
+        os.kill(pid, 9)
+        os.waitpid(pid, 0)
+        sys.exit("the forked child hung at exit")
+    pool.shutdown(wait=True, timeout=30)
+    print("child exited", os.waitstatus_to_exitcode(status))
+    """
+)
+
+
+def test_a_forked_child_exits_though_the_fork_came_while_a_thread_held_the_pool_list() -> None:
+    # The exit hook that drains thread pools takes a lock; a child forked while another
+    # thread held it would have it held for ever and hang at exit (ThreadPoolExecutor
+    # re-makes its lock in the child for the same reason). The child also has none of
+    # the parent's pool threads: its exit hook leaves those pools alone.
+    proc = subprocess.run(
+        [sys.executable, "-c", _FORK_WHILE_A_THREAD_HOLDS_THE_POOL_LIST],
+        capture_output=True,
+        text=True,
+        timeout=2 * WAIT,
+        cwd=os.path.dirname(os.path.dirname(__file__)),
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.splitlines()[-1] == "child exited 0", proc.stdout + proc.stderr
+
+
 def _join_all(threads: list[threading.Thread], timeout: float = 10.0) -> list[threading.Thread]:
     """Join (bounded); returns the threads still alive."""
     deadline = time.monotonic() + timeout

@@ -31,6 +31,7 @@ running tasks to completion (``_drain_at_exit``).
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 import weakref
@@ -736,6 +737,19 @@ def _dropped(
 # thread); entries of collected pools leave by themselves, safely during a copy.
 _live: weakref.WeakSet[ThreadPool] = weakref.WeakSet()
 _live_lock = threading.Lock()
+
+
+def _after_fork_in_child() -> None:
+    # The child has none of the parent's threads: its pools are not the child's to
+    # drain at exit (their threads are gone), and the lock may have been held by one of
+    # those threads at the fork, for ever in the child (its exit hook would hang).
+    global _live_lock
+    _live_lock = threading.Lock()
+    _live.clear()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def _drain_at_exit() -> None:
