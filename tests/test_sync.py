@@ -348,26 +348,34 @@ def test_barrier_timeout_that_loses_to_the_pass_does_not_break(request, monkeypa
         assert b.statistics() == BarrierStatistics(2, 0, False, 2)
 
 
+def a_held_after_its_wakeup(b, got, request, monkeypatch):
+    """Start party "A" on ``b`` and let it park; it will be held right after its
+    wake-up, before it looks at the barrier, until ``go`` is set (``woken`` says it got
+    there). Returns (thread, woken, go)."""
+    woken, go = threading.Event(), threading.Event()
+    request.addfinalizer(go.set)
+
+    def wait(arr, index, expected, timeout=None):
+        r = at.wait(arr, index, expected, timeout)
+        if threading.current_thread().name == "A" and not woken.is_set():
+            woken.set()
+            assert go.wait(BOUND)
+        return r
+
+    monkeypatch.setattr(sync, "at", HookedAtomics(wait=wait))
+    a = barrier_party(b, "A", got)
+    a.start()
+    until(lambda: parked(b) == 1, "A parked")
+    return a, woken, go
+
+
 def test_barrier_next_round_waits_for_a_released_party_to_look(request, monkeypatch):
     """Barrier(2): A waits, B opens the barrier, and A is held right after its wake-up,
     before it looks. Two more callers must not pass the next round meanwhile: A would
     then see generation 4 instead of 2 and raise BrokenBarrierError although it passed."""
     with closing(shc.Barrier(2)) as b:
-        woken, go = threading.Event(), threading.Event()
-        request.addfinalizer(go.set)
-
-        def wait(arr, index, expected, timeout=None):
-            r = at.wait(arr, index, expected, timeout)
-            if threading.current_thread().name == "A" and not woken.is_set():
-                woken.set()
-                assert go.wait(BOUND)
-            return r
-
-        monkeypatch.setattr(sync, "at", HookedAtomics(wait=wait))
         got: dict = {}
-        a = barrier_party(b, "A", got)
-        a.start()
-        until(lambda: parked(b) == 1, "A parked")
+        a, woken, go = a_held_after_its_wakeup(b, got, request, monkeypatch)
         assert b.wait(BOUND) == 1  # B: opens generation 0
         assert woken.wait(BOUND)  # A is awake but has not looked
         later = [barrier_party(b, n, got) for n in ("C", "D")]
@@ -387,21 +395,8 @@ def test_barrier_timeout_waiting_for_leavers_fails_only_that_caller(request, mon
     while A, woken, has not looked yet. B times out waiting for A to leave: B alone
     raises; the round A passed is not reported broken to A, and the barrier works on."""
     with closing(shc.Barrier(2)) as b:
-        woken, go = threading.Event(), threading.Event()
-        request.addfinalizer(go.set)
-
-        def wait(arr, index, expected, timeout=None):
-            r = at.wait(arr, index, expected, timeout)
-            if threading.current_thread().name == "A" and not woken.is_set():
-                woken.set()
-                assert go.wait(BOUND)
-            return r
-
-        monkeypatch.setattr(sync, "at", HookedAtomics(wait=wait))
         got: dict = {}
-        a = barrier_party(b, "A", got)
-        a.start()
-        until(lambda: parked(b) == 1, "A parked")
+        a, woken, go = a_held_after_its_wakeup(b, got, request, monkeypatch)
         assert b.wait(BOUND) == 1  # B opens generation 0
         assert woken.wait(BOUND)  # A is awake but has not left
         with pytest.raises(shc.BrokenBarrierError, match="the barrier is not broken"):
