@@ -20,6 +20,7 @@ from shmcompute import SharedArray
 GO, READY, COUNTER, LOCK, PLAIN = 0, 1, 2, 3, 4
 CTRL_SLOTS = 8
 START_TIMEOUT = 30.0
+RACY_GAP = 8  # see racy_adds
 
 
 @njit(nogil=True, cache=True)
@@ -45,11 +46,20 @@ def atomic_adds(ctrl, n):
 @njit(nogil=True, cache=True)
 def racy_adds(ctrl, n):
     """Read, then write: each access is atomic but the pair is not, so updates get lost.
-    (A plain ``ctrl[COUNTER] += 1`` loop is folded by LLVM into one add of n.)"""
+    (A plain ``ctrl[COUNTER] += 1`` loop is folded by LLVM into one add of n.)
+
+    Some reads of PLAIN (zero) sit between the read and the write, as work would: the
+    write is the slow part of a bare load-add-store, so a process preempted on a busy
+    core almost always stopped after it, and two processes sharing one core lost nothing
+    (seen with one CPU hog on 2 cores: 5 of 5 tries exact). With the gap, a preemption
+    lands between the read and the write as often as not, on one core or two."""
     if not start_together(ctrl):
         return -1
     for _ in range(n):
-        at.store(ctrl, COUNTER, at.load(ctrl, COUNTER) + 1)
+        v = at.load(ctrl, COUNTER)
+        for _ in range(RACY_GAP):
+            v += at.load(ctrl, PLAIN)
+        at.store(ctrl, COUNTER, v + 1)
     return n
 
 
