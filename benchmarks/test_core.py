@@ -53,16 +53,46 @@ def test_kernel_plain_add(benchmark, slot):
 def test_kernel_atomic_add(benchmark, slot):
     arr, idx = slot
     _per_add(benchmark, N_ADDS)
-    benchmark(W.atomic_adds, arr, idx, N_ADDS)
-    assert arr[0] % N_ADDS == 0
+    benchmark(_counted(W.atomic_adds), arr, idx, N_ADDS)
+    assert arr[0] == _calls(W.atomic_adds) * N_ADDS  # exact: every add landed
+
+
+_CALLS: dict[object, list[None]] = {}
+
+
+def _counted(kernel):
+    """``kernel``, counting its calls (the benchmark decides how many rounds run; a
+    list's append is one step under the GIL, so threads count exactly)."""
+    calls = _CALLS[kernel] = []
+
+    def call(*args):
+        calls.append(None)
+        return kernel(*args)
+
+    return call
+
+
+def _calls(kernel) -> int:
+    return len(_CALLS[kernel])
 
 
 def _two_threads(kernel, arr, idx, n):
-    threads = [threading.Thread(target=kernel, args=(arr, idx, n)) for _ in range(2)]
+    errors: list[BaseException] = []
+
+    def run():
+        try:
+            kernel(arr, idx, n)
+        except BaseException as e:
+            errors.append(e)
+
+    threads = [threading.Thread(target=run) for _ in range(2)]
     for t in threads:
         t.start()
     for t in threads:
         t.join(60)
+    assert not any(t.is_alive() for t in threads), "a thread did not finish within 60 s"
+    if errors:
+        raise errors[0]
 
 
 @pytest.mark.benchmark(group="kernel-add-2-workers-one-slot")
@@ -76,8 +106,8 @@ def test_kernel_plain_add_two_threads(benchmark, slot):
 def test_kernel_atomic_add_two_threads(benchmark, slot):
     arr, idx = slot
     _per_add(benchmark, 2 * N_ADDS)
-    benchmark(_two_threads, W.atomic_adds, arr, idx, N_ADDS)
-    assert arr[0] % (2 * N_ADDS) == 0  # exact, unlike the plain add beside it
+    benchmark(_two_threads, _counted(W.atomic_adds), arr, idx, N_ADDS)
+    assert arr[0] == _calls(W.atomic_adds) * N_ADDS  # exact, unlike the plain add beside it
 
 
 # --- Python-level atomic add -------------------------------------------------------------
@@ -92,6 +122,7 @@ def test_python_atomic_add_ndarray(benchmark):
 def test_python_atomic_add_shared_array(benchmark):
     with shc.zeros(1, np.int64) as a:
         benchmark(at.add, a, 0, 1)
+        assert a.array[0] > 0
 
 
 @pytest.mark.benchmark(group="python-add")
