@@ -95,6 +95,7 @@ def test_semaphore_mutual_exclusion_threads():
                 with s:
                     inside[0] += 1
                     worst[0] = max(worst[0], inside[0])
+                    time.sleep(0)  # let the others run: without the semaphore, they enter
                     inside[0] -= 1
 
         threads = [threading.Thread(target=work) for _ in range(3)]
