@@ -351,6 +351,9 @@ def test_direct_construction_is_refused():
 
 
 # --- processes: fork, forkserver, spawn, unrelated ------------------------------------
+# Python 3.12+ warns that forking a process with threads (the test run has some) may
+# deadlock the child; this test forks on purpose, and its child runs only our code.
+@pytest.mark.filterwarnings("ignore:This process .* is multi-threaded:DeprecationWarning")
 @pytest.mark.parametrize("method", ["fork", "forkserver", "spawn"])
 def test_children_attach_zero_copy(method):
     with shc.zeros(1000, "f8") as a:
