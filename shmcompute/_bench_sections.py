@@ -41,11 +41,24 @@ class Row:
 
 
 @dataclass
+class Failure:
+    """A side that raised (a crash, a timeout, a wrong answer caught on the way): it has
+    no row. A shmcompute side's failure is ours to fix; a peer's means the comparison is
+    incomplete. Either fails the run (``shmcompute bench`` exits 1)."""
+
+    section: str
+    name: str
+    kind: str  # "shmcompute" or "peer"
+    error: str  # "TypeName: message"
+
+
+@dataclass
 class Report:
     machine: dict[str, Any]
     settings: dict[str, Any]
     rows: list[Row] = field(default_factory=list)
-    skipped: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)  # peers not installed: not a failure
+    failed: list[Failure] = field(default_factory=list)
 
 
 def _say(msg: str) -> None:
@@ -91,12 +104,16 @@ class _Bench:
         try:
             times = _time(fn, repeat or self.repeat, setup)
             ok = bool(check())
-        except Exception as e:  # a peer that breaks is reported, not fatal
-            self.report.skipped.append(f"{section}/{name}: {type(e).__name__}: {e}")
+        except Exception as e:  # reported; the other sides still run
+            self.fail(section, name, kind, e)
             return
         self.report.rows.append(
             Row(section, name, kind, statistics.median(times), min(times), ok, note, size)
         )
+
+    def fail(self, section: str, name: str, kind: str, error: BaseException) -> None:
+        """Record a side that raised: no figures for it, and the run exits 1."""
+        self.report.failed.append(Failure(section, name, kind, f"{type(error).__name__}: {error}"))
 
 
 @dataclass
@@ -122,8 +139,8 @@ def _interleave_rounds(b: _Bench, section: str, size: int, sides: list[_Side]) -
         _say(f"  {section}: warming up {side.name} ...")
         try:
             side.run()
-        except Exception as e:  # a peer that breaks is reported, not fatal
-            b.report.skipped.append(f"{section}/{side.name}: {type(e).__name__}: {e}")
+        except Exception as e:  # reported; the other sides still run
+            b.fail(section, side.name, side.kind, e)
             continue
         time.sleep(side.settle)
         live.append(side)
@@ -147,7 +164,7 @@ def _interleave_rounds(b: _Bench, section: str, size: int, sides: list[_Side]) -
                 if last:
                     ok[side.name] = bool(side.check())
             except Exception as e:
-                b.report.skipped.append(f"{section}/{side.name}: {type(e).__name__}: {e}")
+                b.fail(section, side.name, side.kind, e)
                 ok[side.name] = False
                 times[side.name] = []
     for side in live:

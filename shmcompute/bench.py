@@ -18,6 +18,11 @@ gives each row's speed relative to the best peer (2.00x = twice as fast). The ``
 ``memory``, ``small`` and ``mid`` sides run interleaved, in rounds (each round runs every side
 once, in a rotated order), so that a slow spell of a shared machine falls on all of
 them alike.
+
+A side that raises (a crash, a timeout) is listed under FAILED with its error, and the
+others still run. Exit status: 1 when any side failed or gave a wrong result, whether
+it is shmcompute's (ours to fix) or a peer's (the comparison is incomplete); peers
+that are not installed are skipped and do not count.
 """
 
 from __future__ import annotations
@@ -142,6 +147,9 @@ def _table(report: Report) -> str:
             )
     if report.skipped:
         lines.append("\nskipped: " + "; ".join(report.skipped))
+    if report.failed:
+        lines.append("\nFAILED (no figures):")
+        lines += [f"  {f.section}/{f.name} ({f.kind}): {f.error}" for f in report.failed]
     return "\n".join(lines)
 
 
@@ -296,8 +304,17 @@ def main(argv: list[str] | None = None) -> int:
     if args.plot:
         for path in _plot(report, args.plot):
             print(f"saved {path}")
-    wrong = [r for r in report.rows if not r.ok]
+    return _verdict(report)
+
+
+def _verdict(report: Report) -> int:
+    """The exit status, with a last line saying why when it is 1: any side that failed
+    (shmcompute's or a peer's) or gave a wrong result fails the run."""
+    wrong = [f"{r.section}/{r.name}" for r in report.rows if not r.ok]
     if wrong:
-        print(f"WRONG RESULTS: {[r.name for r in wrong]}")
-        return 1
-    return 0
+        print(f"WRONG RESULTS: {wrong}")
+    for kind in ("shmcompute", "peer"):
+        failed = [f"{f.section}/{f.name}" for f in report.failed if f.kind == kind]
+        if failed:
+            print(f"FAILED {'shmcompute sides' if kind == 'shmcompute' else 'peers'}: {failed}")
+    return 1 if wrong or report.failed else 0

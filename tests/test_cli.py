@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import textwrap
+from pathlib import Path
 
 
 def run(*args: str, timeout: float = 180) -> subprocess.CompletedProcess[str]:
@@ -12,6 +14,14 @@ def run(*args: str, timeout: float = 180) -> subprocess.CompletedProcess[str]:
         capture_output=True,
         text=True,
         timeout=timeout,
+    )
+
+
+def run_script(path: Path, code: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    """Run ``code`` as a script: its workers import the main module, hence the guard."""
+    path.write_text(textwrap.dedent(code))
+    return subprocess.run(
+        [sys.executable, str(path)], capture_output=True, text=True, timeout=timeout
     )
 
 
@@ -75,3 +85,32 @@ def test_bench_rejects_bad_options():
     assert out.returncode == 2 and "--small-calls must be >= 1" in out.stderr
     out = run("bench", "--mid-size", "-5")
     assert out.returncode == 2 and "--mid-size must be >= 1" in out.stderr
+
+
+BROKEN_SIDES = """
+    import sys
+
+    def main():
+        import shmcompute.transform as T
+        from shmcompute import bench
+
+        def broken(*args, **kwargs):
+            raise RuntimeError("simulated shmcompute failure")
+
+        T.transform = broken  # both shmcompute sides of the section call it
+        return bench.main(["--sections", "small", "--small-calls", "2", "--repeat", "1"])
+
+    if __name__ == "__main__":
+        sys.exit(main())
+"""
+
+
+def test_bench_failed_sides_fail_the_run(tmp_path):
+    """A side that raises is listed with its error; the others still run; exit 1."""
+    out = run_script(tmp_path / "broken.py", BROKEN_SIDES)
+    assert out.returncode == 1, out.stdout + out.stderr[-3000:]
+    failed = out.stdout.split("FAILED (no figures):")[1]
+    for label in ("thread", "process"):
+        assert f"small/shmcompute {label} (share) (shmcompute): RuntimeError: simulated" in failed
+    assert "FAILED shmcompute sides:" in out.stdout
+    assert "ThreadPoolExecutor (views)" in out.stdout.split("FAILED")[0]  # peers measured
