@@ -1,6 +1,7 @@
 """The measuring half of ``shmcompute bench``: timing (each side's runs interleaved in
-rounds), the pools every side shares, and one function per section. ``bench.py`` holds
-the command line, the table and the plots."""
+rounds) and one function per section. ``_bench_pools.py`` holds the pools every side
+shares (and every wait on a peer), ``bench.py`` the command line, the table and the
+plots."""
 
 from __future__ import annotations
 
@@ -10,22 +11,13 @@ import multiprocessing as mp
 import statistics
 import sys
 import time
-from collections.abc import Callable, Iterator
-from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
-_PRELOAD = [
-    "numpy",
-    "numba",
-    "shmcompute.atomics",
-    "shmcompute.pool.worker",
-    "shmcompute._bench_kernels",
-    "shmcompute._jobs",
-]
+from ._bench_pools import PEER_TIMEOUT_S, joblib_map, mp_map, ppe_map
 
 
 @dataclass
@@ -83,10 +75,13 @@ def _time(
 
 
 class _Bench:
-    def __init__(self, report: Report, repeat: int, workers: int) -> None:
+    def __init__(
+        self, report: Report, repeat: int, workers: int, peer_timeout: float = PEER_TIMEOUT_S
+    ) -> None:
         self.report = report
         self.repeat = repeat
         self.workers = workers
+        self.peer_timeout = peer_timeout  # the most one peer run may wait for its results
 
     def measure(
         self,
@@ -184,31 +179,6 @@ def _interleave_rounds(b: _Bench, section: str, size: int, sides: list[_Side]) -
             )
 
 
-@contextmanager
-def _forkserver_pools(workers: int) -> Iterator[dict[str, Any]]:
-    from .pool import Pool
-
-    ctx = mp.get_context("forkserver")
-    ctx.set_forkserver_preload(_PRELOAD)
-    pools: dict[str, Any] = {}
-    try:
-        pools["shm-process"] = Pool(workers, backend="process")
-        pools["shm-thread"] = Pool(workers, backend="thread")
-        pools["ppe"] = ProcessPoolExecutor(workers, mp_context=ctx)
-        pools["mp"] = ctx.Pool(workers)
-        pools["tpe"] = ThreadPoolExecutor(workers)
-        yield pools
-    finally:
-        for key, p in pools.items():
-            if key == "mp":
-                p.close()
-                p.join()
-            elif key.startswith("shm"):
-                p.shutdown(wait=True, timeout=60)
-            else:
-                p.shutdown(wait=True)
-
-
 def _chunks(n: int, parts: int) -> list[slice]:
     step = max(1, math.ceil(n / parts))
     return [slice(i, min(i + step, n)) for i in range(0, n, step)]
@@ -233,6 +203,7 @@ def _array_section(b: _Bench, pools: dict[str, Any], section: str, n: int) -> No
     out = np.empty(n)
     w = b.workers
     repeat = b.repeat
+    limit = b.peer_timeout
     # Copy-mode peers move the whole array twice per run: fewer rounds at large sizes.
     slow = max(2, repeat // 2) if n * 8 >= 64 << 20 else repeat
     parts = _chunks(n, 4 * w)
@@ -299,7 +270,7 @@ def _array_section(b: _Bench, pools: dict[str, Any], section: str, n: int) -> No
             _Side(
                 "ProcessPoolExecutor.map (copy)",
                 "peer",
-                lambda: gather(pools["ppe"].map(chunk_fn, [x[s] for s in parts])),
+                lambda: gather(ppe_map(pools["ppe"], chunk_fn, [x[s] for s in parts], limit)),
                 same,
                 wipe,
                 slow,
@@ -309,7 +280,7 @@ def _array_section(b: _Bench, pools: dict[str, Any], section: str, n: int) -> No
             _Side(
                 "multiprocessing.Pool.map (copy)",
                 "peer",
-                lambda: gather(pools["mp"].map(chunk_fn, [x[s] for s in parts])),
+                lambda: gather(mp_map(pools["mp"], chunk_fn, [x[s] for s in parts], limit)),
                 same,
                 wipe,
                 slow,
@@ -320,12 +291,15 @@ def _array_section(b: _Bench, pools: dict[str, Any], section: str, n: int) -> No
         except ImportError:
             b.report.skipped.append(f"{section}/joblib: not installed")
         else:
-            par = joblib.Parallel(n_jobs=w)
+            # (n_jobs=1 runs in this process, and joblib warns that it has no timeout then)
+            par = joblib.Parallel(n_jobs=w, timeout=limit if w > 1 else None)
             sides.append(
                 _Side(
                     "joblib (loky, copy)",
                     "peer",
-                    lambda: gather(par(joblib.delayed(chunk_fn)(x[s]) for s in parts)),
+                    lambda: gather(
+                        joblib_map(par, (joblib.delayed(chunk_fn)(x[s]) for s in parts), limit)
+                    ),
                     same,
                     wipe,
                     slow,
@@ -379,9 +353,10 @@ def _small_section(
     def tpe_call() -> None:
         list(pools["tpe"].map(lambda s: K.affine(x[s], out[s]), parts))
 
-    def copy_call(pool: Any) -> Callable[[], None]:
+    def copy_call(pool: Any, peer_map: Callable[..., list[Any]]) -> Callable[[], None]:
         def call() -> None:
-            for s, r in zip(parts, pool.map(K.affine_chunk, [x[s] for s in parts]), strict=True):
+            results = peer_map(pool, K.affine_chunk, [x[s] for s in parts], b.peer_timeout)
+            for s, r in zip(parts, results, strict=True):
                 out[s] = r
 
         return call
@@ -405,8 +380,8 @@ def _small_section(
             # Numba's threads spin ~10 ms after a prange call: let them settle.
             side(f"numba prange, {threads} threads", "peer", prange_call, settle=0.05),
             side("ThreadPoolExecutor (views)", "peer", tpe_call),
-            side("ProcessPoolExecutor.map (copy)", "peer", copy_call(pools["ppe"])),
-            side("multiprocessing.Pool.map (copy)", "peer", copy_call(pools["mp"])),
+            side("ProcessPoolExecutor.map (copy)", "peer", copy_call(pools["ppe"], ppe_map)),
+            side("multiprocessing.Pool.map (copy)", "peer", copy_call(pools["mp"], mp_map)),
         ]
         for key, label in (("shm-thread", "thread"), ("shm-process", "process")):
             call = functools.partial(transform, K.affine, sx, out=so, pool=pools[key])
@@ -463,8 +438,14 @@ def _roundtrip_section(b: _Bench, pools: dict[str, Any], rounds: int) -> None:
 
         b.measure("roundtrip", "multiprocessing.Pipe ping-pong", "peer", loop(pipe), ok, rounds)
     finally:
-        parent.send(None)
+        try:
+            parent.send(None)
+        except OSError:  # it is gone already
+            pass
         proc.join(30)
+        if proc.exitcode is None:
+            proc.kill()
+            proc.join(30)
         parent.close()
         child_end.close()
 

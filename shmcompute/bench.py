@@ -22,7 +22,10 @@ them alike.
 A side that raises (a crash, a timeout) is listed under FAILED with its error, and the
 others still run. Exit status: 1 when any side failed or gave a wrong result, whether
 it is shmcompute's (ours to fix) or a peer's (the comparison is incomplete); peers
-that are not installed are skipped and do not count.
+that are not installed are skipped and do not count. A pool peer's run that gets no
+result within ``--peer-timeout`` fails (a worker died or hung). Ctrl-C ends the run
+within seconds (exit status 130): the peers' workers ignore it, as shmcompute's do,
+and their pools are terminated.
 """
 
 from __future__ import annotations
@@ -31,19 +34,20 @@ import argparse
 import json
 import os
 import platform
+import sys
 import time
 from dataclasses import asdict
 from typing import Any
 
 import numpy as np
 
+from ._bench_pools import PEER_TIMEOUT_S, forkserver_pools
 from ._bench_sections import (
     Report,
     Row,
     _array_section,
     _Bench,
     _fmt_bytes,
-    _forkserver_pools,
     _modes_section,
     _roundtrip_section,
     _say,
@@ -223,6 +227,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--mode-sizes", default="1KiB,1MiB,64MiB")
     parser.add_argument("--repeat", type=int, default=5)
     parser.add_argument(
+        "--peer-timeout",
+        type=float,
+        default=PEER_TIMEOUT_S,
+        metavar="SECONDS",
+        help="the most one run of a pool peer may wait for its results; past it the peer "
+        f"fails (a worker died or hung) and the others go on (default {PEER_TIMEOUT_S:g})",
+    )
+    parser.add_argument(
         "--quick",
         action="store_true",
         help="tiny sizes (a smoke test in seconds, figures meaningless)",
@@ -248,6 +260,8 @@ def main(argv: list[str] | None = None) -> int:
     workers = args.workers if args.workers is not None else usable_cores()
     if workers < 1:
         parser.error("--workers must be >= 1")
+    if not args.peer_timeout > 0 or args.peer_timeout == float("inf"):
+        parser.error(f"--peer-timeout must be a number of seconds > 0, got {args.peer_timeout}")
     if args.quick:
         args.cpu_size, args.mem_size, args.roundtrips, args.repeat = 20_000, 200_000, 100, 2
         args.small_calls, args.mid_size, args.mid_calls = 20, 20_000, 5
@@ -267,6 +281,7 @@ def main(argv: list[str] | None = None) -> int:
             "roundtrips": args.roundtrips,
             "mode_sizes": mode_sizes,
             "repeat": args.repeat,
+            "peer_timeout_s": args.peer_timeout,
         },
     )
     m = report.machine
@@ -275,12 +290,38 @@ def main(argv: list[str] | None = None) -> int:
         f"{m['python']}, numpy {m['numpy']}, numba {m['numba']}; {workers} workers"
     )
     t0 = time.perf_counter()
+    try:
+        _measure(report, args, sections, mode_sizes, workers)
+    except KeyboardInterrupt:
+        _say("")
+        print("interrupted", file=sys.stderr)
+        return 130
+    _say("")
+    print(_table(report))
+    print(f"\n{time.perf_counter() - t0:.0f} s in all")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({**asdict(report)}, f, indent=2)
+        print(f"saved {args.json}")
+    if args.plot:
+        for path in _plot(report, args.plot):
+            print(f"saved {path}")
+    return _verdict(report)
+
+
+def _measure(
+    report: Report,
+    args: argparse.Namespace,
+    sections: list[str],
+    mode_sizes: list[int],
+    workers: int,
+) -> None:
     from . import _bench_kernels as K
 
     _say("  compiling kernels (cached after the first run) ...")
     K.warm_up()
-    b = _Bench(report, args.repeat, workers)
-    with _forkserver_pools(workers) as pools:
+    b = _Bench(report, args.repeat, workers, args.peer_timeout)
+    with forkserver_pools(workers) as pools:
         for section in sections:
             if section in ("cpu", "memory"):
                 _array_section(
@@ -294,17 +335,6 @@ def main(argv: list[str] | None = None) -> int:
                 _roundtrip_section(b, pools, args.roundtrips)
             else:
                 _modes_section(b, pools, mode_sizes)
-    _say("")
-    print(_table(report))
-    print(f"\n{time.perf_counter() - t0:.0f} s in all")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({**asdict(report)}, f, indent=2)
-        print(f"saved {args.json}")
-    if args.plot:
-        for path in _plot(report, args.plot):
-            print(f"saved {path}")
-    return _verdict(report)
 
 
 def _verdict(report: Report) -> int:

@@ -2,10 +2,18 @@
 
 from __future__ import annotations
 
+import os
+import select
+import signal
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
+
+import psutil
+
+from shmcompute.array import PREFIX, SHM_DIR
 
 
 def run(*args: str, timeout: float = 180) -> subprocess.CompletedProcess[str]:
@@ -17,12 +25,55 @@ def run(*args: str, timeout: float = 180) -> subprocess.CompletedProcess[str]:
     )
 
 
-def run_script(path: Path, code: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
-    """Run ``code`` as a script: its workers import the main module, hence the guard."""
+def run_script(path: Path, code: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    """Run ``code`` as a script (its workers import the main module, hence the guard in
+    each) in a process group of its own, and check that it leaves nothing behind."""
     path.write_text(textwrap.dedent(code))
-    return subprocess.run(
-        [sys.executable, str(path)], capture_output=True, text=True, timeout=timeout
+    proc = subprocess.Popen(
+        [sys.executable, str(path)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
     )
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    finally:
+        left = _group_ended(proc)
+    assert not left, f"left running: {left}"
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+
+def _group_ended(proc: subprocess.Popen[str], wait: float = 5.0) -> list[str]:
+    """What ``proc``'s process group still runs, and its segments, ``wait`` seconds at
+    most after it exits (its forkserver and trackers leave once it is gone); then
+    SIGKILL whatever is left, ``proc`` included, so that a failure leaks nothing."""
+    deadline = time.monotonic() + wait
+    while True:
+        left = [f"process {p}" for p in _group(proc.pid)] + [
+            f"segment {n}" for n in os.listdir(SHM_DIR) if n.startswith(f"{PREFIX}{proc.pid:x}_")
+        ]
+        if proc.poll() is None or not left or time.monotonic() > deadline:
+            break
+        time.sleep(0.05)  # bounded: helpers leave on their own schedule
+    if proc.poll() is None or left:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        proc.communicate(timeout=30)
+    return left
+
+
+def _group(pgid: int) -> list[str]:
+    out = []
+    for p in psutil.process_iter(["status", "cmdline"]):
+        try:
+            if os.getpgid(p.pid) == pgid and p.info["status"] != psutil.STATUS_ZOMBIE:
+                out.append(f"{p.pid} {' '.join(p.info['cmdline'] or [])[:120]}")
+        except (OSError, psutil.Error):  # gone meanwhile
+            continue
+    return out
 
 
 def test_demo_runs_and_verifies():
@@ -88,17 +139,34 @@ def test_bench_rejects_bad_options():
 
 
 BROKEN_SIDES = """
+    import os
     import sys
+    from contextlib import contextmanager
 
     def main():
         import shmcompute.transform as T
-        from shmcompute import bench
+        from shmcompute import _bench_pools, bench
 
         def broken(*args, **kwargs):
             raise RuntimeError("simulated shmcompute failure")
 
         T.transform = broken  # both shmcompute sides of the section call it
-        return bench.main(["--sections", "small", "--small-calls", "2", "--repeat", "1"])
+
+        @contextmanager
+        def pools_with_a_dying_peer(workers):
+            with _bench_pools.forkserver_pools(workers) as pools:
+                mp_pool = pools["mp"]
+                # The task kills its worker: the pool starts another one, and waits for
+                # the lost result forever.
+                mp_pool.map_async = lambda fn, items: type(mp_pool).map_async(
+                    mp_pool, os._exit, [3]
+                )
+                yield pools
+
+        bench.forkserver_pools = pools_with_a_dying_peer
+        return bench.main(
+            ["--sections", "small", "--small-calls", "2", "--repeat", "1", "--peer-timeout", "1"]
+        )
 
     if __name__ == "__main__":
         sys.exit(main())
@@ -106,11 +174,50 @@ BROKEN_SIDES = """
 
 
 def test_bench_failed_sides_fail_the_run(tmp_path):
-    """A side that raises is listed with its error; the others still run; exit 1."""
+    """A side that raises, or whose worker dies, is listed with its error; the others
+    still run; exit 1."""
     out = run_script(tmp_path / "broken.py", BROKEN_SIDES)
     assert out.returncode == 1, out.stdout + out.stderr[-3000:]
     failed = out.stdout.split("FAILED (no figures):")[1]
     for label in ("thread", "process"):
         assert f"small/shmcompute {label} (share) (shmcompute): RuntimeError: simulated" in failed
-    assert "FAILED shmcompute sides:" in out.stdout
+    assert (
+        "small/multiprocessing.Pool.map (copy) (peer): TimeoutError: multiprocessing.Pool.map: "
+        "no result within 1 s (--peer-timeout)" in failed
+    )
+    assert "FAILED shmcompute sides:" in out.stdout and "FAILED peers:" in out.stdout
     assert "ThreadPoolExecutor (views)" in out.stdout.split("FAILED")[0]  # peers measured
+
+
+def test_bench_ctrl_c_ends_the_run_at_once():
+    """Ctrl-C (SIGINT to the whole process group) in the middle of the interleaved
+    rounds: the run ends within seconds, with no traceback from the peers' workers
+    (they ignore it) and nothing left running. It used to hang in Pool.join()."""
+    args = ["bench", "--sections", "small", "--small-calls", "100", "--repeat", "1000"]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "shmcompute", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        start_new_session=True,
+    )
+    try:
+        assert proc.stderr is not None
+        progress = b""
+        deadline = time.monotonic() + 45  # (with the waits below, within pytest's 120 s)
+        while b"round 1 of" not in progress:  # every side has warmed up: all pools in use
+            assert time.monotonic() < deadline, progress.decode()[-2000:]
+            if select.select([proc.stderr], [], [], 1.0)[0]:
+                chunk = os.read(proc.stderr.fileno(), 4096)
+                assert chunk, progress.decode()[-2000:]  # it exited: see why
+                progress += chunk
+        os.killpg(proc.pid, signal.SIGINT)
+        t0 = time.monotonic()
+        _, err = proc.communicate(timeout=30)
+        took = time.monotonic() - t0
+    finally:
+        left = _group_ended(proc)
+    err = (progress + err).decode()
+    assert proc.returncode == 130, err[-3000:]
+    assert took < 15, f"{took:.1f} s after Ctrl-C"
+    assert "Traceback" not in err and err.rstrip().endswith("interrupted"), err[-3000:]
+    assert not left, f"left running: {left}"
