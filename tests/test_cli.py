@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import psutil
+import pytest
 
 from shmcompute.array import PREFIX, SHM_DIR
 
@@ -127,15 +128,45 @@ def test_bench_quick_verifies_and_saves(tmp_path):
     assert "resource_tracker" not in out.stderr
 
 
-def test_bench_rejects_bad_options():
-    out = run("bench", "--sections", "gpu")
-    assert out.returncode == 2 and "unknown ['gpu']" in out.stderr
-    out = run("bench", "--mode-sizes", "lots")
-    assert out.returncode == 2 and "not a size" in out.stderr
-    out = run("bench", "--small-calls", "0")
-    assert out.returncode == 2 and "--small-calls must be >= 1" in out.stderr
-    out = run("bench", "--mid-size", "-5")
-    assert out.returncode == 2 and "--mid-size must be >= 1" in out.stderr
+def test_bench_quick_fills_in_only_the_options_not_given():
+    from shmcompute import bench
+
+    args = bench._parse(
+        ["--quick", "--mid-size", "300000", "--repeat", "4", "--mode-sizes", "2KiB"]
+    )
+    assert (args.mid_size, args.repeat, args.mode_sizes) == (300_000, 4, [2048])
+    assert (args.cpu_size, args.mid_calls) == (bench.QUICK["cpu_size"], bench.QUICK["mid_calls"])
+    full = bench._parse(["--mid-calls", "7"])
+    assert (full.mid_size, full.mid_calls) == (bench.DEFAULTS["mid_size"], 7)
+    assert full.sections == list(bench.SECTIONS) and full.mode_sizes == [1 << 10, 1 << 20, 64 << 20]
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--sections", "gpu"], "unknown ['gpu']"),
+        (["--sections", ""], "--sections: none given; choose one or more of cpu,memory,"),
+        (["--sections", " , "], "--sections: none given"),
+        (["--mode-sizes", "lots"], "not a size"),
+        (["--mode-sizes", "inf"], "--mode-sizes: not a finite size: 'inf'"),
+        (["--mode-sizes", "1e30"], "--mode-sizes: needs at least"),
+        (["--mem-size", str(10**15)], "--mem-size: needs at least"),
+        (["--small-calls", "0"], "--small-calls must be >= 1"),
+        (["--mid-size", "-5"], "--mid-size must be >= 1"),
+        (["--peer-timeout", "0"], "--peer-timeout must be a number of seconds > 0"),
+        (["--json", "{tmp}/missing/bench.json"], "--json: the folder"),
+        (["--json", "{tmp}"], "is a folder; give a file name"),
+    ],
+)
+def test_bench_rejects_bad_options_before_measuring(argv, message, tmp_path, capsys):
+    """Each one is a usage error naming the option (exit 2), before any measurement:
+    an unwritable --json used to fail after the whole run, sizes deep inside it."""
+    from shmcompute import bench
+
+    with pytest.raises(SystemExit) as e:
+        bench._parse([a.replace("{tmp}", str(tmp_path)) for a in argv])
+    assert e.value.code == 2
+    assert message in capsys.readouterr().err
 
 
 BROKEN_SIDES = """
