@@ -19,9 +19,28 @@ import numpy as np
 
 from ._bench_pools import PEER_TIMEOUT_S, joblib_map, mp_map, ppe_map
 
+# What each section's figures count: (unit of a row's size, what one timed run is made of)
+UNITS = {
+    "cpu": ("elements", "run"),
+    "memory": ("elements", "run"),
+    "small": ("elements", "call"),
+    "mid": ("elements", "call"),
+    "roundtrip": ("tasks", "task"),
+    "modes": ("bytes", "run"),
+}
+
 
 @dataclass
 class Row:
+    """One side's figures in one section (a row of the table, of the JSON's ``rows``).
+
+    ``median_s`` / ``best_s``: the median and the fastest of its ``runs`` timed runs,
+    each run timed whole. A run is ``per_run`` ``item``s: back-to-back calls (small and
+    mid), tasks (roundtrip), or the run itself (``per_run`` 1); ``median_per_item_s``
+    and ``best_per_item_s`` divide by it, and are what the table shows. ``size`` counts
+    ``size_unit``: float64 elements per call (cpu, memory, small, mid), tasks per run
+    (roundtrip) or payload bytes (modes)."""
+
     section: str
     name: str
     kind: str  # "shmcompute" or "peer"
@@ -30,6 +49,16 @@ class Row:
     ok: bool
     note: str = ""
     size: int = 0
+    runs: int = 0
+    per_run: int = 1
+    item: str = "run"
+    size_unit: str = "elements"
+    median_per_item_s: float = field(init=False)
+    best_per_item_s: float = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.median_per_item_s = self.median_s / self.per_run
+        self.best_per_item_s = self.best_s / self.per_run
 
 
 @dataclass
@@ -54,7 +83,12 @@ class Report:
 
 
 def _say(msg: str) -> None:
-    sys.stderr.write(f"\r\033[K{msg}")
+    """Progress on stderr: one line rewritten in place on a terminal; elsewhere (a log,
+    a pipe) one line per step, without carriage returns and escape codes."""
+    if sys.stderr.isatty():
+        sys.stderr.write(f"\r\033[K{msg}")
+    elif msg:
+        sys.stderr.write(f"{msg}\n")
     sys.stderr.flush()
 
 
@@ -94,6 +128,7 @@ class _Bench:
         repeat: int | None = None,
         setup: Callable[[], Any] | None = None,
         note: str = "",
+        per_run: int = 1,
     ) -> None:
         _say(f"  {section}: {name} ...")
         try:
@@ -102,8 +137,35 @@ class _Bench:
         except Exception as e:  # reported; the other sides still run
             self.fail(section, name, kind, e)
             return
+        self.row(section, name, kind, times, ok, size, note, per_run)
+
+    def row(
+        self,
+        section: str,
+        name: str,
+        kind: str,
+        times: list[float],
+        ok: bool,
+        size: int,
+        note: str = "",
+        per_run: int = 1,
+    ) -> None:
+        size_unit, item = UNITS[section]
         self.report.rows.append(
-            Row(section, name, kind, statistics.median(times), min(times), ok, note, size)
+            Row(
+                section,
+                name,
+                kind,
+                statistics.median(times),
+                min(times),
+                ok,
+                note,
+                size,
+                len(times),
+                per_run,
+                item,
+                size_unit,
+            )
         )
 
     def fail(self, section: str, name: str, kind: str, error: BaseException) -> None:
@@ -124,11 +186,14 @@ class _Side:
     settle: float = 0.0  # untimed pause after each run (prange's threads spin on)
 
 
-def _interleave_rounds(b: _Bench, section: str, size: int, sides: list[_Side]) -> None:
+def _interleave_rounds(
+    b: _Bench, section: str, size: int, sides: list[_Side], per_run: int = 1
+) -> None:
     """Time ``sides`` in rounds, each round running every side once in a rotated order,
     so that a slow minute of a shared machine lands on all of them rather than on
     whichever ran then: the ratios between sides are what the table shows. Each side's
-    output is wiped before its last run and checked right after it."""
+    output is wiped before its last run and checked right after it. A run is
+    ``per_run`` calls (``Row``)."""
     live: list[_Side] = []
     for side in sides:  # warm-up: compile, start workers, fault pages in
         _say(f"  {section}: warming up {side.name} ...")
@@ -163,20 +228,8 @@ def _interleave_rounds(b: _Bench, section: str, size: int, sides: list[_Side]) -
                 ok[side.name] = False
                 times[side.name] = []
     for side in live:
-        t = times[side.name]
-        if t:
-            b.report.rows.append(
-                Row(
-                    section,
-                    side.name,
-                    side.kind,
-                    statistics.median(t),
-                    min(t),
-                    ok[side.name],
-                    "",
-                    size,
-                )
-            )
+        if times[side.name]:
+            b.row(section, side.name, side.kind, times[side.name], ok[side.name], size, "", per_run)
 
 
 def _chunks(n: int, parts: int) -> list[slice]:
@@ -386,7 +439,7 @@ def _small_section(
         for key, label in (("shm-thread", "thread"), ("shm-process", "process")):
             call = functools.partial(transform, K.affine, sx, out=so, pool=pools[key])
             sides.append(side(f"shmcompute {label} (share)", "shmcompute", call, shm=True))
-        _interleave_rounds(b, section, n, sides)
+        _interleave_rounds(b, section, n, sides, per_run=calls)
 
 
 def _roundtrip_section(b: _Bench, pools: dict[str, Any], rounds: int) -> None:
@@ -423,6 +476,7 @@ def _roundtrip_section(b: _Bench, pools: dict[str, Any], rounds: int) -> None:
             loop(fn),
             ok,
             rounds,
+            per_run=rounds,
         )
     ctx = mp.get_context("forkserver")
     parent, child_end = ctx.Pipe()
@@ -436,7 +490,15 @@ def _roundtrip_section(b: _Bench, pools: dict[str, Any], rounds: int) -> None:
                 raise TimeoutError("echo process stopped answering")
             _expect(parent.recv(), i)
 
-        b.measure("roundtrip", "multiprocessing.Pipe ping-pong", "peer", loop(pipe), ok, rounds)
+        b.measure(
+            "roundtrip",
+            "multiprocessing.Pipe ping-pong",
+            "peer",
+            loop(pipe),
+            ok,
+            rounds,
+            per_run=rounds,
+        )
     finally:
         try:
             parent.send(None)
@@ -456,11 +518,15 @@ def _expect(got: Any, want: Any) -> None:
 
 
 def _modes_section(b: _Bench, pools: dict[str, Any], sizes: list[int]) -> None:
-    for nbytes in sizes:
-        _modes_one(b, pools["shm-process"], max(1, nbytes // 8))
+    lengths = list(dict.fromkeys(max(1, nbytes // 8) for nbytes in sizes))  # float64s
+    labels = [_fmt_bytes(n * 8) for n in lengths]
+    for n, label in zip(lengths, labels, strict=True):
+        if labels.count(label) > 1:  # sizes too close for three digits: name the bytes
+            label = f"{n * 8:,} B"
+        _modes_one(b, pools["shm-process"], n, label)
 
 
-def _modes_one(b: _Bench, pool: Any, n: int) -> None:
+def _modes_one(b: _Bench, pool: Any, n: int, label: str) -> None:
     """The data path alone: a kernel that touches one element per chunk, so what is
     timed is getting the data to the workers (and the results back), per mode."""
     from . import _bench_kernels as K
@@ -471,7 +537,6 @@ def _modes_one(b: _Bench, pool: Any, n: int) -> None:
     chunk = max(1, -(-n // (4 * b.workers)))
     starts = np.arange(0, n, chunk)
     want = 2.5 * x[starts] + 1.0
-    label = _fmt_bytes(n * 8)
     with SharedArray.create(n, np.float64) as sx, SharedArray.create(n, np.float64) as so:
         sx.array[:] = x
         for mode in ("share", "copy"):
@@ -516,8 +581,19 @@ def _modes_one(b: _Bench, pool: Any, n: int) -> None:
 
 
 def _fmt_bytes(n: int) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
-            return f"{n} {unit}"
-        n //= 1024
-    return f"{n} GiB"  # pragma: no cover
+    """Bytes in binary units to three significant digits (``1.53 MiB``, ``7.81 KiB``,
+    ``64 MiB``): sizes the table tells apart get labels that differ, down to a
+    fraction of a percent."""
+    if n < 1024:
+        return f"{n} B"
+    value = float(n)
+    for unit in ("KiB", "MiB", "GiB", "TiB", "PiB"):
+        value /= 1024
+        if value < 1024 or unit == "PiB":
+            break
+    if value >= 1000:
+        text = f"{value:.3g}" if value >= 1e6 else f"{value:.0f}"
+    else:
+        text = f"{value:.{max(0, 2 - math.floor(math.log10(value)))}f}"
+        text = text.rstrip("0").rstrip(".") if "." in text else text
+    return f"{text} {unit}"

@@ -6,18 +6,29 @@ Sections (each verified against a reference before its figures are shown):
 * ``memory``: ``y = 2.5*x + 1`` (bandwidth-bound);
 * ``small``: the same on 1,000 elements, call after call: each tool's fixed cost per
   call (a direct call of the kernel in one thread is the floor);
-* ``mid``: the same on 200,000 elements (1.5 MiB in, 1.5 MiB out), call after call:
+* ``mid``: the same on 200,000 elements (1.53 MiB in, 1.53 MiB out), call after call:
   where starting the workers is a large part of each call;
 * ``roundtrip``: submit a trivial task and wait for its result, one at a time;
 * ``modes``: share / copy / transfer over payload sizes.
 
 Peers: NumPy, one Numba thread, Numba ``prange``, ``ThreadPoolExecutor``,
 ``ProcessPoolExecutor``, ``multiprocessing.Pool`` and joblib (skipped when not
-installed). Every figure is a median over ``--repeat`` runs after a warm-up; the table
-gives each row's speed relative to the best peer (2.00x = twice as fast). The ``cpu``,
-``memory``, ``small`` and ``mid`` sides run interleaved, in rounds (each round runs every side
-once, in a rotated order), so that a slow spell of a shared machine falls on all of
-them alike.
+installed). Each row's figures are the median and the best of its timed runs, after
+an untimed warm-up; the ``runs`` column says how many: ``--repeat``, except NumPy's
+``cpu`` side (1: the slowest side, about a second a run at the default size) and, at
+64 MiB and more, the copy-mode peers (``max(2, repeat // 2)``: they move the whole
+array twice a run). The table gives each row's speed relative to the best peer whose
+result was right (2.00x = twice as fast). The ``cpu``, ``memory``, ``small`` and
+``mid`` sides run interleaved, in rounds (each round runs every side once, in a
+rotated order), so that a slow spell of a shared machine falls on all of them alike.
+
+``--json`` saves the settings, the machine, the rows, the skipped peers and the failed
+sides. Each row (``_bench_sections.Row``) has ``median_s`` / ``best_s`` per timed run,
+as measured, and ``runs``; a run is ``per_run`` ``item``s (calls of the small and mid
+sections, tasks of roundtrip, else 1 run), and ``median_per_item_s`` /
+``best_per_item_s`` (the table's figures) divide by it. ``size`` counts ``size_unit``:
+float64 elements (cpu, memory, small, mid, per call), tasks (roundtrip, per run) or
+payload bytes (modes).
 
 A side that raises (a crash, a timeout) is listed under FAILED with its error, and the
 others still run. Exit status: 1 when any side failed or gave a wrong result, whether
@@ -142,15 +153,17 @@ def _table(report: Report) -> str:
             else ""
         )
         lines.append(f"\n{titles[section]}{': ' + what if what else ''}")
-        peers = [r.median_s for r in rows if r.kind == "peer"]
+        peers = [r.median_s for r in rows if r.kind == "peer" and r.ok]  # not a WRONG one
         best_peer = min(peers) if peers else None
-        per, scale, unit = _per(report, section, rows)
-        lines.append(f"  {'':40s} {'median':>10s} {'best':>10s} {'vs best peer':>13s}  check")
+        scale, unit = _scale(section)
+        lines.append(
+            f"  {'':40s} {'median':>10s} {'best':>10s} {'runs':>5s} {'vs best peer':>13s}  check"
+        )
         for r in sorted(rows, key=lambda r: r.median_s) if section != "modes" else rows:
             vs = f"{_num(best_peer / r.median_s)}x" if best_peer else "-"
             lines.append(
-                f"  {r.name:40s} {_num(r.median_s / per * scale):>8s}{unit:>2s} "
-                f"{_num(r.best_s / per * scale):>8s}{unit:>2s} {vs:>13s}  "
+                f"  {r.name:40s} {_num(r.median_per_item_s * scale):>8s}{unit:>2s} "
+                f"{_num(r.best_per_item_s * scale):>8s}{unit:>2s} {r.runs:>5d} {vs:>13s}  "
                 f"{'ok' if r.ok else 'WRONG'}"
             )
     if report.skipped:
@@ -161,13 +174,11 @@ def _table(report: Report) -> str:
     return "\n".join(lines)
 
 
-def _per(report: Report, section: str, rows: list[Row]) -> tuple[int, float, str]:
-    """How a section's times are shown: (divide by, scale, unit)."""
-    if section == "roundtrip":
-        return rows[0].size, 1e6, "us"
-    if section in ("small", "mid"):
-        return report.settings[f"{section}_calls"], 1e6, "us"
-    return 1, 1e3, "ms"
+def _scale(section: str) -> tuple[float, str]:
+    """How a section's times per item (``Row.median_per_item_s``) are shown."""
+    if section in ("roundtrip", "small", "mid"):
+        return 1e6, "us"
+    return 1e3, "ms"
 
 
 def _plot(report: Report, folder: str) -> list[str]:
@@ -185,10 +196,10 @@ def _plot(report: Report, folder: str) -> list[str]:
         if not rows:
             continue
         fig, ax = plt.subplots(figsize=(8, 0.45 * len(rows) + 1.2))
-        per, scale, unit = _per(report, section, rows)
+        scale, unit = _scale(section)
         unit = {"us": "us per task" if section == "roundtrip" else "us per call"}.get(unit, unit)
         names = [r.name for r in rows]
-        values = [r.median_s / per * scale for r in rows]
+        values = [r.median_per_item_s * scale for r in rows]
         colors = ["tab:blue" if r.kind == "shmcompute" else "tab:gray" for r in rows]
         ax.barh(names, values, color=colors)
         ax.invert_yaxis()

@@ -100,7 +100,9 @@ def test_info_and_reap():
 
 def test_bench_quick_verifies_and_saves(tmp_path):
     path = tmp_path / "bench.json"
-    out = run("bench", "--quick", "--json", str(path), timeout=300)
+    out = run(
+        "bench", "--quick", "--mode-sizes", "1KiB,1MiB,1.9MiB", "--json", str(path), timeout=300
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     for section in (
         "CPU-bound",
@@ -126,6 +128,54 @@ def test_bench_quick_verifies_and_saves(tmp_path):
     } <= names
     assert all(r["ok"] for r in data["rows"])
     assert "resource_tracker" not in out.stderr
+    assert data["failed"] == [] and "FAILED" not in out.stdout
+    assert "\r" not in out.stderr and "\033" not in out.stderr  # not a terminal: plain lines
+
+    # What each row's figures mean (Row): per run as timed, per item as tabled.
+    quick = data["settings"]
+    assert (quick["repeat"], quick["small_calls"], quick["roundtrips"]) == (2, 20, 100)
+    per_run = {"small": quick["small_calls"], "mid": quick["mid_calls"], "roundtrip": 100}
+    units = {"roundtrip": ("tasks", "task"), "modes": ("bytes", "run")}
+    for r in data["rows"]:
+        section = r["section"]
+        assert r["per_run"] == per_run.get(section, 1), r
+        want = units.get(section, ("elements", "call" if section in per_run else "run"))
+        assert (r["size_unit"], r["item"]) == want, r
+        assert r["median_per_item_s"] == pytest.approx(r["median_s"] / r["per_run"]), r
+        assert r["best_per_item_s"] <= r["median_per_item_s"], r
+        numpy_cpu = (section, r["name"]) == ("cpu", "numpy")
+        assert r["runs"] == (1 if numpy_cpu else 2), r  # no copy peer at 64 MiB here
+    modes = [r["name"] for r in data["rows"] if r["section"] == "modes"]
+    assert [m for m in modes if m.startswith("share")] == [
+        "share 1 KiB",
+        "share 1 MiB",
+        "share 1.9 MiB",
+    ]
+
+
+def test_bench_labels_and_best_peer():
+    from shmcompute import bench
+    from shmcompute._bench_sections import Report, Row, _fmt_bytes
+
+    assert _fmt_bytes(200_000 * 8) == "1.53 MiB"  # was "1 MiB"
+    assert [_fmt_bytes(n) for n in (8, 8000, 1 << 20, int(1.9 * 2**20), 64 << 20)] == [
+        "8 B",
+        "7.81 KiB",
+        "1 MiB",
+        "1.9 MiB",
+        "64 MiB",
+    ]
+    rows = [  # the fastest peer gave a wrong result: it is not the one to beat
+        Row("cpu", "fast but wrong", "peer", 1.0, 1.0, False, runs=5),
+        Row("cpu", "right", "peer", 4.0, 4.0, True, runs=5),
+        Row("cpu", "ours", "shmcompute", 2.0, 2.0, True, runs=5),
+    ]
+    table = bench._table(Report({}, {}, rows))
+    assert [line.split()[-2:] for line in table.splitlines()[-3:]] == [
+        ["4.00x", "WRONG"],
+        ["2.00x", "ok"],
+        ["1.00x", "ok"],
+    ]
 
 
 def test_bench_quick_fills_in_only_the_options_not_given():
