@@ -11,7 +11,8 @@ import multiprocessing as mp
 import statistics
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -232,6 +233,22 @@ def _interleave_rounds(
             b.row(section, side.name, side.kind, times[side.name], ok[side.name], size, "", per_run)
 
 
+@contextmanager
+def _numba_threads(n: int) -> Iterator[None]:
+    """Numba's thread count set to ``n`` (0: left as it is), and restored after."""
+    if not n:
+        yield
+        return
+    import numba
+
+    old = numba.get_num_threads()
+    numba.set_num_threads(n)
+    try:
+        yield
+    finally:
+        numba.set_num_threads(old)
+
+
 def _chunks(n: int, parts: int) -> list[slice]:
     step = max(1, math.ceil(n / parts))
     return [slice(i, min(i + step, n)) for i in range(0, n, step)]
@@ -273,12 +290,8 @@ def _array_section(b: _Bench, pools: dict[str, Any], section: str, n: int) -> No
     threads = min(w, numba.config.NUMBA_NUM_THREADS)  # type: ignore[attr-defined]
 
     def prange_run() -> None:
-        old = numba.get_num_threads()
-        numba.set_num_threads(threads)
-        try:
+        with _numba_threads(threads):
             prange_kernel(x, out)
-        finally:
-            numba.set_num_threads(old)
 
     def tpe_run() -> None:
         list(pools["tpe"].map(lambda s: kernel(x[s], out[s]), parts))
@@ -388,20 +401,13 @@ def _small_section(
     def wipe() -> None:
         out.fill(np.nan)
 
-    def repeated(call: Callable[[], Any]) -> Callable[[], None]:
+    def repeated(call: Callable[[], Any], numba_threads: int = 0) -> Callable[[], None]:
         def run() -> None:
-            for _ in range(calls):
-                call()
+            with _numba_threads(numba_threads):
+                for _ in range(calls):
+                    call()
 
         return run
-
-    def prange_call() -> None:
-        old = numba.get_num_threads()
-        numba.set_num_threads(threads)
-        try:
-            K.affine_prange(x, out)
-        finally:
-            numba.set_num_threads(old)
 
     def tpe_call() -> None:
         list(pools["tpe"].map(lambda s: K.affine(x[s], out[s]), parts))
@@ -423,15 +429,29 @@ def _small_section(
             so.array.fill(np.nan)
 
         def side(
-            name: str, kind: str, call: Callable[[], Any], shm: bool = False, settle: float = 0
+            name: str,
+            kind: str,
+            call: Callable[[], Any],
+            shm: bool = False,
+            settle: float = 0,
+            numba_threads: int = 0,
         ) -> _Side:
             check, clear = (shm_same, shm_wipe) if shm else (same, wipe)
-            return _Side(name, kind, repeated(call), check, clear, b.repeat, settle)
+            run = repeated(call, numba_threads)
+            return _Side(name, kind, run, check, clear, b.repeat, settle)
 
         sides = [
             side("numba, 1 thread (direct call)", "peer", lambda: K.affine(x, out)),
             # Numba's threads spin ~10 ms after a prange call: let them settle.
-            side(f"numba prange, {threads} threads", "peer", prange_call, settle=0.05),
+            # The thread count is set once per run: per call, setting and restoring it
+            # took 3-5 us of prange's ~10 us.
+            side(
+                f"numba prange, {threads} threads",
+                "peer",
+                lambda: K.affine_prange(x, out),
+                settle=0.05,
+                numba_threads=threads,
+            ),
             side("ThreadPoolExecutor (views)", "peer", tpe_call),
             side("ProcessPoolExecutor.map (copy)", "peer", copy_call(pools["ppe"], ppe_map)),
             side("multiprocessing.Pool.map (copy)", "peer", copy_call(pools["mp"], mp_map)),
