@@ -94,11 +94,17 @@ def _say(msg: str) -> None:
 
 
 def _time(
-    fn: Callable[[], Any], repeat: int, setup: Callable[[], Any] | None = None
+    fn: Callable[[], Any],
+    repeat: int,
+    setup: Callable[[], Any] | None = None,
+    warmups: int = 1,
 ) -> list[float]:
-    if setup is not None:
-        setup()
-    fn()  # warm-up: compile, start workers, fault pages in
+    """``repeat`` timed runs of ``fn`` after ``warmups`` untimed ones (compile, start
+    workers, fault pages in); ``setup`` runs untimed before each."""
+    for _ in range(warmups):
+        if setup is not None:
+            setup()
+        fn()
     times = []
     for _ in range(repeat):
         if setup is not None:
