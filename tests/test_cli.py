@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import select
 import signal
 import subprocess
@@ -81,6 +82,11 @@ def test_demo_runs_and_verifies():
     out = run("demo", "--size", "200000", "--rounds", "200")
     assert out.returncode == 0, out.stderr
     assert "matches NumPy" in out.stdout and "(exact)" in out.stdout
+    # Step 1 times warm workers (it used to time each one's first kernel call), and
+    # step 3's ratio says which way it goes.
+    assert "2 workers started, kernels loaded in each" in out.stdout
+    assert "1. square 1.5 MiB in place across warm processes" in out.stdout
+    assert re.search(r"\(wait/notify at \d+\.\d\dx Pipe's speed\)", out.stdout), out.stdout
     assert "segments left behind: 0" in out.stdout
     assert "all checks passed" in out.stdout
     assert "resource_tracker" not in out.stderr
