@@ -177,7 +177,8 @@ class _Bench:
 
     def fail(self, section: str, name: str, kind: str, error: BaseException) -> None:
         """Record a side that raised: no figures for it, and the run exits 1."""
-        self.report.failed.append(Failure(section, name, kind, f"{type(error).__name__}: {error}"))
+        text = f"{type(error).__name__}: {error}" if str(error) else type(error).__name__
+        self.report.failed.append(Failure(section, name, kind, text))
 
 
 @dataclass
