@@ -26,28 +26,36 @@ Sides, at each worker count ``w``:
   ``affine_chunk``, results gathered into the output (joblib's defaults: inputs over
   1 MB are memory-mapped, results pickled back; ``n_jobs=1`` runs in this process).
 
-Each figure is the median of ``--repeat`` timed runs after one untimed warm-up; the
-output is filled with NaN (untimed) before every run, so a run that writes nothing
-fails its check. The baseline ``t1`` is one Numba thread calling the kernel directly.
+Each figure is the median of ``--repeat`` timed runs after ``WARM_RUNS`` (3) untimed
+ones, for every side alike: each process worker maps the pages of the chunks it claims
+on first touch, and the chunks each one claims differ from run to run, so one run does
+not fault in the pages of the next; the others get as many, so that no side has more
+chances than another to warm caches and clocks. The output is filled with NaN (untimed)
+before every run, so a run that writes nothing fails its check. The baseline ``t1`` is
+one Numba thread calling the kernel directly.
 
 Efficiency of a side at ``w`` workers is ``t1 / (w * t_side(w))``: 1.00 is perfect
 linear scaling from one Numba thread, 0.50 means half of the ``w`` cores is wasted.
 ``thread/prange`` and ``process/prange`` are throughput ratios,
 ``t_prange(w) / t_side(w)``: above 1.00 shmcompute is faster than prange.
-``drivers/job`` is how many compiled driver loops ran each transform (the pool's tasks,
-plus the caller on threads), as the helper-count policy chose them
+``drivers/job`` is how many compiled driver loops ran each timed transform (the pool's
+tasks, plus the caller on threads), as the helper-count policy chose them
 (``_runner.helpers``): below ``w`` on a job too short to be worth every worker.
 
-Sizes: every side runs ``1 + repeat`` times at every worker count, so the time goes
-to the low worker counts: about ``5 * (1 + repeat) * t1`` at 1 worker (4 sides and the
+Sizes: every side runs ``3 + repeat`` times at every worker count, so the time goes
+to the low worker counts: about ``5 * (3 + repeat) * t1`` at 1 worker (4 sides and the
 baseline), and about as much again for all the others together. One Numba thread takes
 1-1.5 s for the default cpu size, so a 16-worker cpu run still lasts ~100 ms (long
-enough to time, next to ~1 ms of pool overhead) and the default run takes an estimated
-1.5-2 minutes on 16 cores (77 s on 2 cores); the cpu size is not scaled up with the
-core count because that would mostly lengthen the 1-worker points.
+enough to time, next to ~1 ms of pool overhead). When only the thread and process
+sides had three warm-up runs (the others one), the default run took an estimated
+1.5-2 minutes on 16 cores and 77 s on 2 cores; the others' extra runs add about a
+fifth. The cpu size is not scaled up with the core count because that would mostly
+lengthen the 1-worker points.
 
 Prints a header naming the machine and one markdown table per workload to stdout,
-progress to stderr; exits 1 if any check failed (or a side raised), else 0.
+progress to stderr; exits 1 if any check failed or a side raised (in a warm-up run
+too: the side is reported, the others still run), else 0. ``--quick`` gives tiny sizes
+and 2 repeats to the options not given.
 """
 
 from __future__ import annotations
@@ -76,7 +84,9 @@ SIDES = ("prange", "thread", "process", "joblib")
 # Numba's pool threads keep spinning ~10 ms after a prange call returns: let them stop
 # before the next side's threads compete with them for the cores.
 PRANGE_SETTLE_S = 0.05
-WARM_RUNS = 2  # untimed runs on a fresh pool, besides the measurement's own warm-up
+WARM_RUNS = 3  # untimed runs before the timed ones, for every side (see the docstring)
+DEFAULTS = {"cpu_size": 1_000_000, "mem_size": 16_000_000, "repeat": 5}
+QUICK = {"cpu_size": 20_000, "mem_size": 200_000, "repeat": 2}
 
 
 @dataclass(frozen=True)
@@ -147,9 +157,14 @@ class _Runner:
         pool: shc.Pool | None = None,
     ) -> None:
         self.progress(f"{workload}: {side}, {workers} worker(s)")
-        before = _tasks_done(pool)
-        try:
-            times = _time(run, self.repeat, setup=lambda: out.fill(np.nan))
+
+        def wipe() -> None:
+            out.fill(np.nan)
+
+        try:  # warm-up runs included: a side that breaks in one is reported too
+            _time(run, 0, setup=wipe, warmups=WARM_RUNS)
+            before = _tasks_done(pool)
+            times = _time(run, self.repeat, setup=wipe, warmups=0)
         except Exception as e:  # a side that breaks is reported; the others still run
             note = f"{type(e).__name__}: {e}"
             self.results.points.append(Point(workload, side, workers, [], None, False, note))
@@ -157,8 +172,8 @@ class _Runner:
         ok = bool(np.allclose(out, ref))
         note = "" if ok else "differs from the 1-thread reference"
         per_job = None
-        if pool is not None:  # (the measurement's untimed warm-up is one more job)
-            per_job = (_tasks_done(pool) - before) / (1 + self.repeat)
+        if pool is not None:  # over the timed runs only
+            per_job = (_tasks_done(pool) - before) / self.repeat
             if pool.stats.backend == "thread":
                 per_job += 1  # the caller runs one driver itself, not as a pool task
         self.results.points.append(
@@ -209,11 +224,6 @@ def _run_workload(r: _Runner, wl: Workload, n: int, workers: list[int]) -> None:
             for backend in ("thread", "process"):
                 with shc.Pool(w, backend=backend) as pool:
                     run = functools.partial(shc.transform, wl.kernel, sx, out=so, pool=pool)
-                    # Untimed: each process worker maps the pages of the chunks it
-                    # claims on first touch, and the chunks each one claims differ from
-                    # run to run; a few runs fault in most of them.
-                    for _ in range(WARM_RUNS):
-                        run()
                     r.measure(wl.name, backend, w, run, so.array, ref, pool)
             if joblib is not None:
                 r.measure(wl.name, "joblib", w, _joblib_run(joblib, wl, x, out, w), out, ref)
@@ -299,7 +309,7 @@ def _parse_workers(text: str) -> list[int]:
     return counts
 
 
-def main(argv: list[str] | None = None) -> int:
+def _parse(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description="Scaling of shmcompute's thread and process pools against Numba prange "
         "and joblib, from 1 worker up; every result is verified."
@@ -311,17 +321,32 @@ def main(argv: list[str] | None = None) -> int:
         help="comma-separated worker counts (default: 1,2,4,8,16 up to the usable cores, "
         "plus the usable core count)",
     )
-    parser.add_argument("--cpu-size", type=int, default=1_000_000)
-    parser.add_argument("--mem-size", type=int, default=16_000_000)
-    parser.add_argument("--repeat", type=int, default=5)
+    for name, what in (
+        ("cpu_size", "float64 elements of the cpu workload"),
+        ("mem_size", "float64 elements of the memory workload"),
+        ("repeat", "timed runs of each side at each worker count"),
+    ):
+        parser.add_argument(
+            f"--{name.replace('_', '-')}",
+            type=int,
+            default=None,  # None: not given, so --quick may fill it in
+            help=f"{what} (default {DEFAULTS[name]:,}; --quick {QUICK[name]:,})",
+        )
     parser.add_argument("--json", metavar="PATH", help="also save every timing as JSON")
-    parser.add_argument("--quick", action="store_true", help="tiny sizes, 2 repeats (a smoke test)")
+    parser.add_argument(
+        "--quick", action="store_true", help="tiny sizes, 2 repeats, for the options not given"
+    )
     args = parser.parse_args(argv)
-    for name in ("cpu_size", "mem_size", "repeat"):
+    for name, value in DEFAULTS.items():
+        if getattr(args, name) is None:
+            setattr(args, name, QUICK[name] if args.quick else value)
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-    if args.quick:
-        args.cpu_size, args.mem_size, args.repeat = 20_000, 200_000, 2
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parse(argv)
     cores = usable_cores()
     workers: list[int] = args.workers or sorted(
         {w for w in DEFAULT_WORKERS if w <= cores} | {cores}
@@ -343,7 +368,10 @@ def main(argv: list[str] | None = None) -> int:
         f"numba {machine['numba']} (NUMBA_NUM_THREADS={settings['numba_num_threads']}, "
         f"{settings['numba_threading_layer']} layer), shmcompute {machine['shmcompute']}"
     )
-    print(f"workers {','.join(map(str, workers))}; median of {args.repeat} runs after a warm-up")
+    print(
+        f"workers {','.join(map(str, workers))}; median of {args.repeat} runs after "
+        f"{WARM_RUNS} untimed ones"
+    )
     runner = _Runner(args.repeat)
     sizes = {"cpu": args.cpu_size, "memory": args.mem_size}
     try:

@@ -6,6 +6,7 @@ called directly, never handed to a shmcompute pool.
 
 from __future__ import annotations
 
+import signal
 from typing import Any
 
 import numpy as np
@@ -70,8 +71,17 @@ def trivial(x: Any) -> Any:
     return x
 
 
+def ignore_sigint() -> None:
+    """Peer workers' initializer. Ctrl-C reaches the whole process group; a peer worker
+    that dies of it can die holding its pool's queue lock or with a task in flight, and
+    the pool then never finishes. The parent decides what happens (shmcompute's own
+    workers ignore SIGINT too: pool/worker.py)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 def echo(conn: Any) -> None:
     """The raw-Pipe peer: answer every message until None."""
+    ignore_sigint()
     while True:
         msg = conn.recv()
         if msg is None:

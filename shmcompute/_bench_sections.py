@@ -1,6 +1,7 @@
 """The measuring half of ``shmcompute bench``: timing (each side's runs interleaved in
-rounds), the pools every side shares, and one function per section. ``bench.py`` holds
-the command line, the table and the plots."""
+rounds) and one function per section. ``_bench_pools.py`` holds the pools every side
+shares (and every wait on a peer), ``bench.py`` the command line, the table and the
+plots."""
 
 from __future__ import annotations
 
@@ -11,25 +12,36 @@ import statistics
 import sys
 import time
 from collections.abc import Callable, Iterator
-from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
-_PRELOAD = [
-    "numpy",
-    "numba",
-    "shmcompute.atomics",
-    "shmcompute.pool.worker",
-    "shmcompute._bench_kernels",
-    "shmcompute._jobs",
-]
+from ._bench_pools import PEER_TIMEOUT_S, joblib_map, mp_map, ppe_map
+
+# What each section's figures count: (unit of a row's size, what one timed run is made of)
+UNITS = {
+    "cpu": ("elements", "run"),
+    "memory": ("elements", "run"),
+    "small": ("elements", "call"),
+    "mid": ("elements", "call"),
+    "roundtrip": ("tasks", "task"),
+    "modes": ("bytes", "run"),
+}
 
 
 @dataclass
 class Row:
+    """One side's figures in one section (a row of the table, of the JSON's ``rows``).
+
+    ``median_s`` / ``best_s``: the median and the fastest of its ``runs`` timed runs,
+    each run timed whole. A run is ``per_run`` ``item``s: back-to-back calls (small and
+    mid), tasks (roundtrip), or the run itself (``per_run`` 1); ``median_per_item_s``
+    and ``best_per_item_s`` divide by it, and are what the table shows. ``size`` counts
+    ``size_unit``: float64 elements per call (cpu, memory, small, mid), tasks per run
+    (roundtrip) or payload bytes (modes)."""
+
     section: str
     name: str
     kind: str  # "shmcompute" or "peer"
@@ -38,6 +50,28 @@ class Row:
     ok: bool
     note: str = ""
     size: int = 0
+    runs: int = 0
+    per_run: int = 1
+    item: str = "run"
+    size_unit: str = "elements"
+    median_per_item_s: float = field(init=False)
+    best_per_item_s: float = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.median_per_item_s = self.median_s / self.per_run
+        self.best_per_item_s = self.best_s / self.per_run
+
+
+@dataclass
+class Failure:
+    """A side that raised (a crash, a timeout, a wrong answer caught on the way): it has
+    no row. A shmcompute side's failure is ours to fix; a peer's means the comparison is
+    incomplete. Either fails the run (``shmcompute bench`` exits 1)."""
+
+    section: str
+    name: str
+    kind: str  # "shmcompute" or "peer"
+    error: str  # "TypeName: message"
 
 
 @dataclass
@@ -45,20 +79,32 @@ class Report:
     machine: dict[str, Any]
     settings: dict[str, Any]
     rows: list[Row] = field(default_factory=list)
-    skipped: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)  # peers not installed: not a failure
+    failed: list[Failure] = field(default_factory=list)
 
 
 def _say(msg: str) -> None:
-    sys.stderr.write(f"\r\033[K{msg}")
+    """Progress on stderr: one line rewritten in place on a terminal; elsewhere (a log,
+    a pipe) one line per step, without carriage returns and escape codes."""
+    if sys.stderr.isatty():
+        sys.stderr.write(f"\r\033[K{msg}")
+    elif msg:
+        sys.stderr.write(f"{msg}\n")
     sys.stderr.flush()
 
 
 def _time(
-    fn: Callable[[], Any], repeat: int, setup: Callable[[], Any] | None = None
+    fn: Callable[[], Any],
+    repeat: int,
+    setup: Callable[[], Any] | None = None,
+    warmups: int = 1,
 ) -> list[float]:
-    if setup is not None:
-        setup()
-    fn()  # warm-up: compile, start workers, fault pages in
+    """``repeat`` timed runs of ``fn`` after ``warmups`` untimed ones (compile, start
+    workers, fault pages in); ``setup`` runs untimed before each."""
+    for _ in range(warmups):
+        if setup is not None:
+            setup()
+        fn()
     times = []
     for _ in range(repeat):
         if setup is not None:
@@ -70,10 +116,13 @@ def _time(
 
 
 class _Bench:
-    def __init__(self, report: Report, repeat: int, workers: int) -> None:
+    def __init__(
+        self, report: Report, repeat: int, workers: int, peer_timeout: float = PEER_TIMEOUT_S
+    ) -> None:
         self.report = report
         self.repeat = repeat
         self.workers = workers
+        self.peer_timeout = peer_timeout  # the most one peer run may wait for its results
 
     def measure(
         self,
@@ -86,17 +135,50 @@ class _Bench:
         repeat: int | None = None,
         setup: Callable[[], Any] | None = None,
         note: str = "",
+        per_run: int = 1,
     ) -> None:
         _say(f"  {section}: {name} ...")
         try:
             times = _time(fn, repeat or self.repeat, setup)
             ok = bool(check())
-        except Exception as e:  # a peer that breaks is reported, not fatal
-            self.report.skipped.append(f"{section}/{name}: {type(e).__name__}: {e}")
+        except Exception as e:  # reported; the other sides still run
+            self.fail(section, name, kind, e)
             return
+        self.row(section, name, kind, times, ok, size, note, per_run)
+
+    def row(
+        self,
+        section: str,
+        name: str,
+        kind: str,
+        times: list[float],
+        ok: bool,
+        size: int,
+        note: str = "",
+        per_run: int = 1,
+    ) -> None:
+        size_unit, item = UNITS[section]
         self.report.rows.append(
-            Row(section, name, kind, statistics.median(times), min(times), ok, note, size)
+            Row(
+                section,
+                name,
+                kind,
+                statistics.median(times),
+                min(times),
+                ok,
+                note,
+                size,
+                len(times),
+                per_run,
+                item,
+                size_unit,
+            )
         )
+
+    def fail(self, section: str, name: str, kind: str, error: BaseException) -> None:
+        """Record a side that raised: no figures for it, and the run exits 1."""
+        text = f"{type(error).__name__}: {error}" if str(error) else type(error).__name__
+        self.report.failed.append(Failure(section, name, kind, text))
 
 
 @dataclass
@@ -112,18 +194,21 @@ class _Side:
     settle: float = 0.0  # untimed pause after each run (prange's threads spin on)
 
 
-def _interleave_rounds(b: _Bench, section: str, size: int, sides: list[_Side]) -> None:
+def _interleave_rounds(
+    b: _Bench, section: str, size: int, sides: list[_Side], per_run: int = 1
+) -> None:
     """Time ``sides`` in rounds, each round running every side once in a rotated order,
     so that a slow minute of a shared machine lands on all of them rather than on
     whichever ran then: the ratios between sides are what the table shows. Each side's
-    output is wiped before its last run and checked right after it."""
+    output is wiped before its last run and checked right after it. A run is
+    ``per_run`` calls (``Row``)."""
     live: list[_Side] = []
     for side in sides:  # warm-up: compile, start workers, fault pages in
         _say(f"  {section}: warming up {side.name} ...")
         try:
             side.run()
-        except Exception as e:  # a peer that breaks is reported, not fatal
-            b.report.skipped.append(f"{section}/{side.name}: {type(e).__name__}: {e}")
+        except Exception as e:  # reported; the other sides still run
+            b.fail(section, side.name, side.kind, e)
             continue
         time.sleep(side.settle)
         live.append(side)
@@ -147,49 +232,28 @@ def _interleave_rounds(b: _Bench, section: str, size: int, sides: list[_Side]) -
                 if last:
                     ok[side.name] = bool(side.check())
             except Exception as e:
-                b.report.skipped.append(f"{section}/{side.name}: {type(e).__name__}: {e}")
+                b.fail(section, side.name, side.kind, e)
                 ok[side.name] = False
                 times[side.name] = []
     for side in live:
-        t = times[side.name]
-        if t:
-            b.report.rows.append(
-                Row(
-                    section,
-                    side.name,
-                    side.kind,
-                    statistics.median(t),
-                    min(t),
-                    ok[side.name],
-                    "",
-                    size,
-                )
-            )
+        if times[side.name]:
+            b.row(section, side.name, side.kind, times[side.name], ok[side.name], size, "", per_run)
 
 
 @contextmanager
-def _forkserver_pools(workers: int) -> Iterator[dict[str, Any]]:
-    from .pool import Pool
+def _numba_threads(n: int) -> Iterator[None]:
+    """Numba's thread count set to ``n`` (0: left as it is), and restored after."""
+    if not n:
+        yield
+        return
+    import numba
 
-    ctx = mp.get_context("forkserver")
-    ctx.set_forkserver_preload(_PRELOAD)
-    pools: dict[str, Any] = {}
+    old = numba.get_num_threads()
+    numba.set_num_threads(n)
     try:
-        pools["shm-process"] = Pool(workers, backend="process")
-        pools["shm-thread"] = Pool(workers, backend="thread")
-        pools["ppe"] = ProcessPoolExecutor(workers, mp_context=ctx)
-        pools["mp"] = ctx.Pool(workers)
-        pools["tpe"] = ThreadPoolExecutor(workers)
-        yield pools
+        yield
     finally:
-        for key, p in pools.items():
-            if key == "mp":
-                p.close()
-                p.join()
-            elif key.startswith("shm"):
-                p.shutdown(wait=True, timeout=60)
-            else:
-                p.shutdown(wait=True)
+        numba.set_num_threads(old)
 
 
 def _chunks(n: int, parts: int) -> list[slice]:
@@ -216,6 +280,7 @@ def _array_section(b: _Bench, pools: dict[str, Any], section: str, n: int) -> No
     out = np.empty(n)
     w = b.workers
     repeat = b.repeat
+    limit = b.peer_timeout
     # Copy-mode peers move the whole array twice per run: fewer rounds at large sizes.
     slow = max(2, repeat // 2) if n * 8 >= 64 << 20 else repeat
     parts = _chunks(n, 4 * w)
@@ -232,12 +297,8 @@ def _array_section(b: _Bench, pools: dict[str, Any], section: str, n: int) -> No
     threads = min(w, numba.config.NUMBA_NUM_THREADS)  # type: ignore[attr-defined]
 
     def prange_run() -> None:
-        old = numba.get_num_threads()
-        numba.set_num_threads(threads)
-        try:
+        with _numba_threads(threads):
             prange_kernel(x, out)
-        finally:
-            numba.set_num_threads(old)
 
     def tpe_run() -> None:
         list(pools["tpe"].map(lambda s: kernel(x[s], out[s]), parts))
@@ -282,7 +343,7 @@ def _array_section(b: _Bench, pools: dict[str, Any], section: str, n: int) -> No
             _Side(
                 "ProcessPoolExecutor.map (copy)",
                 "peer",
-                lambda: gather(pools["ppe"].map(chunk_fn, [x[s] for s in parts])),
+                lambda: gather(ppe_map(pools["ppe"], chunk_fn, [x[s] for s in parts], limit)),
                 same,
                 wipe,
                 slow,
@@ -292,7 +353,7 @@ def _array_section(b: _Bench, pools: dict[str, Any], section: str, n: int) -> No
             _Side(
                 "multiprocessing.Pool.map (copy)",
                 "peer",
-                lambda: gather(pools["mp"].map(chunk_fn, [x[s] for s in parts])),
+                lambda: gather(mp_map(pools["mp"], chunk_fn, [x[s] for s in parts], limit)),
                 same,
                 wipe,
                 slow,
@@ -303,12 +364,15 @@ def _array_section(b: _Bench, pools: dict[str, Any], section: str, n: int) -> No
         except ImportError:
             b.report.skipped.append(f"{section}/joblib: not installed")
         else:
-            par = joblib.Parallel(n_jobs=w)
+            # (n_jobs=1 runs in this process, and joblib warns that it has no timeout then)
+            par = joblib.Parallel(n_jobs=w, timeout=limit if w > 1 else None)
             sides.append(
                 _Side(
                     "joblib (loky, copy)",
                     "peer",
-                    lambda: gather(par(joblib.delayed(chunk_fn)(x[s]) for s in parts)),
+                    lambda: gather(
+                        joblib_map(par, (joblib.delayed(chunk_fn)(x[s]) for s in parts), limit)
+                    ),
                     same,
                     wipe,
                     slow,
@@ -344,27 +408,21 @@ def _small_section(
     def wipe() -> None:
         out.fill(np.nan)
 
-    def repeated(call: Callable[[], Any]) -> Callable[[], None]:
+    def repeated(call: Callable[[], Any], numba_threads: int = 0) -> Callable[[], None]:
         def run() -> None:
-            for _ in range(calls):
-                call()
+            with _numba_threads(numba_threads):
+                for _ in range(calls):
+                    call()
 
         return run
-
-    def prange_call() -> None:
-        old = numba.get_num_threads()
-        numba.set_num_threads(threads)
-        try:
-            K.affine_prange(x, out)
-        finally:
-            numba.set_num_threads(old)
 
     def tpe_call() -> None:
         list(pools["tpe"].map(lambda s: K.affine(x[s], out[s]), parts))
 
-    def copy_call(pool: Any) -> Callable[[], None]:
+    def copy_call(pool: Any, peer_map: Callable[..., list[Any]]) -> Callable[[], None]:
         def call() -> None:
-            for s, r in zip(parts, pool.map(K.affine_chunk, [x[s] for s in parts]), strict=True):
+            results = peer_map(pool, K.affine_chunk, [x[s] for s in parts], b.peer_timeout)
+            for s, r in zip(parts, results, strict=True):
                 out[s] = r
 
         return call
@@ -378,23 +436,37 @@ def _small_section(
             so.array.fill(np.nan)
 
         def side(
-            name: str, kind: str, call: Callable[[], Any], shm: bool = False, settle: float = 0
+            name: str,
+            kind: str,
+            call: Callable[[], Any],
+            shm: bool = False,
+            settle: float = 0,
+            numba_threads: int = 0,
         ) -> _Side:
             check, clear = (shm_same, shm_wipe) if shm else (same, wipe)
-            return _Side(name, kind, repeated(call), check, clear, b.repeat, settle)
+            run = repeated(call, numba_threads)
+            return _Side(name, kind, run, check, clear, b.repeat, settle)
 
         sides = [
             side("numba, 1 thread (direct call)", "peer", lambda: K.affine(x, out)),
             # Numba's threads spin ~10 ms after a prange call: let them settle.
-            side(f"numba prange, {threads} threads", "peer", prange_call, settle=0.05),
+            # The thread count is set once per run: per call, setting and restoring it
+            # took 3-5 us of prange's ~10 us.
+            side(
+                f"numba prange, {threads} threads",
+                "peer",
+                lambda: K.affine_prange(x, out),
+                settle=0.05,
+                numba_threads=threads,
+            ),
             side("ThreadPoolExecutor (views)", "peer", tpe_call),
-            side("ProcessPoolExecutor.map (copy)", "peer", copy_call(pools["ppe"])),
-            side("multiprocessing.Pool.map (copy)", "peer", copy_call(pools["mp"])),
+            side("ProcessPoolExecutor.map (copy)", "peer", copy_call(pools["ppe"], ppe_map)),
+            side("multiprocessing.Pool.map (copy)", "peer", copy_call(pools["mp"], mp_map)),
         ]
         for key, label in (("shm-thread", "thread"), ("shm-process", "process")):
             call = functools.partial(transform, K.affine, sx, out=so, pool=pools[key])
             sides.append(side(f"shmcompute {label} (share)", "shmcompute", call, shm=True))
-        _interleave_rounds(b, section, n, sides)
+        _interleave_rounds(b, section, n, sides, per_run=calls)
 
 
 def _roundtrip_section(b: _Bench, pools: dict[str, Any], rounds: int) -> None:
@@ -431,6 +503,7 @@ def _roundtrip_section(b: _Bench, pools: dict[str, Any], rounds: int) -> None:
             loop(fn),
             ok,
             rounds,
+            per_run=rounds,
         )
     ctx = mp.get_context("forkserver")
     parent, child_end = ctx.Pipe()
@@ -444,10 +517,24 @@ def _roundtrip_section(b: _Bench, pools: dict[str, Any], rounds: int) -> None:
                 raise TimeoutError("echo process stopped answering")
             _expect(parent.recv(), i)
 
-        b.measure("roundtrip", "multiprocessing.Pipe ping-pong", "peer", loop(pipe), ok, rounds)
+        b.measure(
+            "roundtrip",
+            "multiprocessing.Pipe ping-pong",
+            "peer",
+            loop(pipe),
+            ok,
+            rounds,
+            per_run=rounds,
+        )
     finally:
-        parent.send(None)
+        try:
+            parent.send(None)
+        except OSError:  # it is gone already
+            pass
         proc.join(30)
+        if proc.exitcode is None:
+            proc.kill()
+            proc.join(30)
         parent.close()
         child_end.close()
 
@@ -458,11 +545,15 @@ def _expect(got: Any, want: Any) -> None:
 
 
 def _modes_section(b: _Bench, pools: dict[str, Any], sizes: list[int]) -> None:
-    for nbytes in sizes:
-        _modes_one(b, pools["shm-process"], max(1, nbytes // 8))
+    lengths = list(dict.fromkeys(max(1, nbytes // 8) for nbytes in sizes))  # float64s
+    labels = [_fmt_bytes(n * 8) for n in lengths]
+    for n, label in zip(lengths, labels, strict=True):
+        if labels.count(label) > 1:  # sizes too close for three digits: name the bytes
+            label = f"{n * 8:,} B"
+        _modes_one(b, pools["shm-process"], n, label)
 
 
-def _modes_one(b: _Bench, pool: Any, n: int) -> None:
+def _modes_one(b: _Bench, pool: Any, n: int, label: str) -> None:
     """The data path alone: a kernel that touches one element per chunk, so what is
     timed is getting the data to the workers (and the results back), per mode."""
     from . import _bench_kernels as K
@@ -473,7 +564,6 @@ def _modes_one(b: _Bench, pool: Any, n: int) -> None:
     chunk = max(1, -(-n // (4 * b.workers)))
     starts = np.arange(0, n, chunk)
     want = 2.5 * x[starts] + 1.0
-    label = _fmt_bytes(n * 8)
     with SharedArray.create(n, np.float64) as sx, SharedArray.create(n, np.float64) as so:
         sx.array[:] = x
         for mode in ("share", "copy"):
@@ -518,8 +608,19 @@ def _modes_one(b: _Bench, pool: Any, n: int) -> None:
 
 
 def _fmt_bytes(n: int) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
-            return f"{n} {unit}"
-        n //= 1024
-    return f"{n} GiB"  # pragma: no cover
+    """Bytes in binary units to three significant digits (``1.53 MiB``, ``7.81 KiB``,
+    ``64 MiB``): sizes the table tells apart get labels that differ, down to a
+    fraction of a percent."""
+    if n < 1024:
+        return f"{n} B"
+    value = float(n)
+    for unit in ("KiB", "MiB", "GiB", "TiB", "PiB"):
+        value /= 1024
+        if value < 1024 or unit == "PiB":
+            break
+    if value >= 1000:
+        text = f"{value:.3g}" if value >= 1e6 else f"{value:.0f}"
+    else:
+        text = f"{value:.{max(0, 2 - math.floor(math.log10(value)))}f}"
+        text = text.rstrip("0").rstrip(".") if "." in text else text
+    return f"{text} {unit}"
