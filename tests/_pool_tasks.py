@@ -104,6 +104,12 @@ def pid_count_and_wait(counter: Any, gate: Event, timeout: float = 30.0) -> int:
     return count_and_wait(counter, gate, timeout)
 
 
+def crash_every_time(counter: Any) -> None:
+    """Count the run, then die (os._exit): each retry of it runs and dies again."""
+    count(counter)
+    os._exit(9)
+
+
 def crash_first_time(counter: Any, value: int) -> int:
     """Die (os._exit) on the first call across all processes; return value after."""
     if count(counter) == 1:
@@ -135,6 +141,14 @@ def sleep_for(seconds: float) -> float:
 
 def kill_self(sig: int = signal.SIGKILL) -> None:
     os.kill(os.getpid(), sig)
+
+
+def parent_pid() -> int:
+    return os.getppid()
+
+
+def thread_name() -> str:
+    return threading.current_thread().name
 
 
 # --- initializers ----------------------------------------------------------------------

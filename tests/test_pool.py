@@ -10,6 +10,7 @@ import asyncio
 import concurrent.futures as cf
 import gc
 import logging
+import multiprocessing as mp
 import os
 import pickle
 import subprocess
@@ -491,6 +492,27 @@ def test_task_timeout_fails_the_task_and_pool_stays_usable(
         gate.close()
 
 
+def test_the_pools_task_timeout_applies_to_every_task(
+    make_pool: Callable[..., Pool], counter: shc.SharedArray
+) -> None:
+    # Pool(task_timeout=...) is the timeout of every task that sets none of its own:
+    # plain submits, and options() that set other options only.
+    pool = make_pool(2, task_timeout=0.3)
+    gate = Event()
+    try:
+        plain = pool.submit(T.count_and_wait, counter, gate)
+        other_options = pool.options(retries=0).submit(T.count_and_wait, counter, gate)
+        for fut in (plain, other_options):
+            with pytest.raises(TaskTimeoutError, match=r"timeout of 0\.3 s"):
+                fut.result(WAIT)
+        gate.set()
+        assert [pool.submit(T.square, i).result(WAIT) for i in range(4)] == [0, 1, 4, 9]
+        assert pool.stats.failed == 2 and pool.stats.completed == 4
+    finally:
+        gate.set()
+        gate.close()
+
+
 def test_hung_tasks_past_their_timeout_never_break_the_pool(
     make_pool: Callable[..., Pool],
 ) -> None:
@@ -928,6 +950,27 @@ def test_backend_specific_arguments() -> None:
         Pool(2, backend="process", mp_context="fork")
     with pytest.raises(ArgumentTypeError, match="thread_name_prefix must be a str, got int"):
         ThreadPool(1, thread_name_prefix=5)  # type: ignore[arg-type]
+
+
+def test_thread_name_prefix_names_every_worker_thread() -> None:
+    # As ThreadPoolExecutor's: the worker threads, replacements included, are named
+    # "<prefix>_<n>", which is what a task sees as its thread's name.
+    with ThreadPool(2, thread_name_prefix="imaging") as pool:
+        seen = {pool.submit(T.thread_name).result(WAIT) for _ in range(4)}
+        pool.restart(timeout=WAIT)
+        seen |= {pool.submit(T.thread_name).result(WAIT) for _ in range(4)}
+        names = {w.thread.name for w in pool._workers.values() if w.thread is not None}
+    assert seen and len(names) == 2
+    assert all(name.startswith("imaging_") for name in seen | names), seen | names
+
+
+def test_mp_context_starts_the_workers() -> None:
+    # The workers are started with the pool's mp_context: with a fork context they are
+    # this process's children; by default, the forkserver's.
+    with ProcessPool(1, mp_context=mp.get_context("fork")) as pool:
+        assert pool.submit(T.parent_pid).result(WAIT) == os.getpid()
+    with ProcessPool(1) as pool:
+        assert pool.submit(T.parent_pid).result(WAIT) != os.getpid()
 
 
 def test_pool_size_and_environment(monkeypatch: pytest.MonkeyPatch) -> None:
