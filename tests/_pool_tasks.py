@@ -170,6 +170,19 @@ def init_fail_first(counter: Any, failures: int) -> None:
         raise RuntimeError("flaky initializer")
 
 
+def init_fail_nth(counter: Any, nth: int) -> None:
+    """Fail in the ``nth`` worker to start only (counting from 1)."""
+    if count(counter) == nth:
+        raise RuntimeError(f"initializer failed in worker {nth} on purpose")
+
+
+def init_hold_after(counter: Any, started: int, gate: Event, timeout: float = 30.0) -> None:
+    """The first ``started`` workers start at once; later ones (a restart's) wait in
+    their initializer until ``gate`` is set: new workers the test holds back."""
+    if count(counter) > started and not gate.wait(timeout):
+        raise TimeoutError("gate was never opened")
+
+
 _attached: dict[str, SharedArray] = {}
 
 
