@@ -8,6 +8,7 @@ kernel errors that name the chunk; a worker crash that re-runs only the lost chu
 from __future__ import annotations
 
 import gc
+import math
 import operator
 import os
 import subprocess
@@ -212,6 +213,14 @@ def test_reduce_is_deterministic_across_workers_and_modes() -> None:
                         )
                     )
     assert len(results) == 1  # bit-identical: the fold order is fixed by chunk_size
+    (total,) = results
+    # ...and it is that fold: each chunk summed in order (the kernel's loop; NumPy's
+    # accumulate adds in order too), the partials added in chunk order.
+    in_chunk_order = 0.0
+    for lo in range(0, x.shape[0], 1000):
+        in_chunk_order += np.add.accumulate(x[lo : lo + 1000])[-1]
+    assert total == in_chunk_order
+    assert total == pytest.approx(math.fsum(x), rel=1e-12)
 
 
 @pytest.mark.parametrize("mode", MODES)
