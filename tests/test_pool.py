@@ -1112,6 +1112,9 @@ def test_thread_name_prefix_names_every_worker_thread() -> None:
     assert all(name.startswith("imaging_") for name in seen | names), seen | names
 
 
+# (Python 3.12+ warns that forking a process with threads may deadlock the child; the
+# fork context forks on purpose, and its child runs only the worker's code.)
+@pytest.mark.filterwarnings("ignore:This process .* is multi-threaded:DeprecationWarning")
 def test_mp_context_starts_the_workers() -> None:
     # The workers are started with the pool's mp_context: with a fork context they are
     # this process's children; by default, the forkserver's.
