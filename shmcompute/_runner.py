@@ -26,6 +26,7 @@ from __future__ import annotations
 import functools
 import itertools
 import math
+import threading
 import time
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
@@ -250,6 +251,35 @@ def _chunks_done(ctrl: np.ndarray) -> int:
     return int(at.load(ctrl, D.J_DONE))
 
 
+class _StopAt:
+    """Stops a job's drivers at its deadline, from a timer thread. On threads the caller
+    runs a driver itself, in compiled code, and looks at the clock only once it finds
+    no chunk left to claim: a job of many slow chunks ran to its end, long past its
+    timeout, and returned. Stopped, each driver leaves after its current chunk, and the
+    caller raises ``TimeoutError`` (``run_job``)."""
+
+    def __init__(self, ctrl: np.ndarray, deadline: float) -> None:
+        self._ctrl: np.ndarray | None = ctrl
+        self._lock = threading.Lock()
+        self._timer = threading.Timer(max(0.0, deadline - time.monotonic()), self._stop)
+        self._timer.name = "shmcompute-transform-timeout"
+        self._timer.daemon = True
+        self._timer.start()
+
+    def _stop(self) -> None:
+        with self._lock:
+            if self._ctrl is not None:
+                at.store(self._ctrl, D.J_CLAIM, D.STOP)
+
+    def cancel(self) -> None:
+        """The job is over. After this the timer never touches its control words (under
+        the lock: a timer that fired just now must not stop the arena's next job)."""
+        with self._lock:
+            self._ctrl = None
+        self._timer.cancel()
+        self._timer.join()
+
+
 # --- one job ---------------------------------------------------------------------------------
 def _shared(a: np.ndarray, obj: Any, temps: list[SharedArray]) -> SharedArray:
     """``obj`` as a segment a worker process can attach: itself, or a one-time copy."""
@@ -314,10 +344,12 @@ def run_job(
     every_future: list[Any] = []  # of every attempt: the arena is ours until all resolve
     team = None if process else team_for(pool)
     teamed = False  # an attempt ran on the team: the arena is ours until all drivers left
+    team_running = False  # the team runs drivers of the current attempt
     ctrl = job_arena.words
     bar = Progress(nchunks) if progress else None
     order = NO_ORDER
     order_sa: SharedArray | None = None
+    stop_at: _StopAt | None = None
     try:
         D.reset(ctrl, nchunks)
         if bar is not None:
@@ -327,6 +359,10 @@ def run_job(
             ntasks = helpers(prep, pool, min(n, nwork * chunk), nwork)
             attempt = next(_attempts)
             D.begin_attempt(ctrl, nwork, ntasks, attempt)
+            if deadline is not None and not process and stop_at is None:
+                # (After the attempt cleared the stop flag. Processes need none: the
+                # caller only waits there, and its waits end at the deadline.)
+                stop_at = _StopAt(ctrl, deadline)
             started = time.perf_counter_ns()
             if process:
                 assert prep.ref is not None and job_arena.shared is not None and out_sa is not None
@@ -372,6 +408,7 @@ def run_job(
                         ctrl, sig, p, order, ins, out_arr, n, chunk, nchunks, overlap, ntasks
                     )
                     teamed = teamed or on_team
+                    team_running = on_team
                 futures = []
                 if not on_team:
                     futures = [
@@ -438,6 +475,9 @@ def run_job(
             )
             if failure is not None:
                 raise failure
+            if deadline is not None and time.monotonic() >= deadline:
+                # Stopped at the deadline (_StopAt), or past it anyway: no re-run.
+                raise TimeoutError("transform: the job did not finish within its timeout")
             crashed = [e for e in errors if isinstance(e, WorkerCrashedError)]
             if not crashed:  # pragma: no cover - a stop or a gap always has a cause
                 raise TransformError(
@@ -478,8 +518,19 @@ def run_job(
         # not returned, so stop every driver now rather than let them finish it unseen
         # (worker processes ignore SIGINT). Before the arena can go to another job.
         at.store(ctrl, D.J_CLAIM, D.STOP)
+        if team_running:
+            # The team's threads reach the job's arrays by address alone: no reference
+            # keeps them alive. Before the caller can free any (a transferred input, the
+            # new output, its own NumPy arrays), every driver must have left, or a
+            # thread still in its chunk wrote to freed memory (seen: a segfault after a
+            # timeout in transfer mode). Stopped, each leaves after its current chunk;
+            # so a TimeoutError comes up to a chunk late on threads.
+            D.left(ctrl, 0)  # (a no-op unless the caller's own driver never started)
+            wait_bell(ctrl, _all_left, None)
         raise
     finally:
+        if stop_at is not None:
+            stop_at.cancel()
         if bar is not None:
             bar.close()
         # Tasks that have not started yet (a worker slow to wake) will find nothing to

@@ -253,3 +253,27 @@ def only_for_caller_compile_f32(x):  # type: ignore[no-untyped-def]
     for i in range(x.shape[0]):
         s += np.float32(x[i])
     return s
+
+
+SLOW_CHUNK_S = 0.02  # see slow_copy
+
+
+@njit(nogil=True, cache=True)
+def slow_copy(x, out):  # type: ignore[no-untyped-def]
+    """out = x, taking SLOW_CHUNK_S a chunk: a bounded wait on a word no one changes
+    (the wait is the work here, so every call ends on its own, however it is run)."""
+    idle = np.zeros(1, np.int64)
+    at.wait(idle, 0, 0, SLOW_CHUNK_S)
+    for i in range(x.shape[0]):
+        out[i] = x[i]
+
+
+@njit(nogil=True, cache=True)
+def slow_sum(x):  # type: ignore[no-untyped-def]
+    """The chunk's sum, taking SLOW_CHUNK_S (see slow_copy)."""
+    idle = np.zeros(1, np.int64)
+    at.wait(idle, 0, 0, SLOW_CHUNK_S)
+    s = 0.0
+    for i in range(x.shape[0]):
+        s += x[i]
+    return s

@@ -104,6 +104,12 @@ def pid_count_and_wait(counter: Any, gate: Event, timeout: float = 30.0) -> int:
     return count_and_wait(counter, gate, timeout)
 
 
+def crash_every_time(counter: Any) -> None:
+    """Count the run, then die (os._exit): each retry of it runs and dies again."""
+    count(counter)
+    os._exit(9)
+
+
 def crash_first_time(counter: Any, value: int) -> int:
     """Die (os._exit) on the first call across all processes; return value after."""
     if count(counter) == 1:
@@ -137,6 +143,14 @@ def kill_self(sig: int = signal.SIGKILL) -> None:
     os.kill(os.getpid(), sig)
 
 
+def parent_pid() -> int:
+    return os.getppid()
+
+
+def thread_name() -> str:
+    return threading.current_thread().name
+
+
 # --- initializers ----------------------------------------------------------------------
 def init_set(value: Any) -> None:
     _state["value"] = value
@@ -154,6 +168,19 @@ def init_fail_first(counter: Any, failures: int) -> None:
     """Fail in the first ``failures`` workers to start, succeed afterwards."""
     if count(counter) <= failures:
         raise RuntimeError("flaky initializer")
+
+
+def init_fail_nth(counter: Any, nth: int) -> None:
+    """Fail in the ``nth`` worker to start only (counting from 1)."""
+    if count(counter) == nth:
+        raise RuntimeError(f"initializer failed in worker {nth} on purpose")
+
+
+def init_hold_after(counter: Any, started: int, gate: Event, timeout: float = 30.0) -> None:
+    """The first ``started`` workers start at once; later ones (a restart's) wait in
+    their initializer until ``gate`` is set: new workers the test holds back."""
+    if count(counter) > started and not gate.wait(timeout):
+        raise TimeoutError("gate was never opened")
 
 
 _attached: dict[str, SharedArray] = {}

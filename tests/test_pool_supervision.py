@@ -129,6 +129,24 @@ def test_retries_rerun_a_crashed_task(pool: Pool, counter: shc.SharedArray) -> N
     assert isinstance(no_retry.exception(WAIT), WorkerCrashedError)
 
 
+def test_the_pools_retries_apply_to_every_task(counter: shc.SharedArray) -> None:
+    # Pool(retries=n) re-runs a task whose worker died, n times at most, for every task
+    # that sets no retries of its own; options(retries=...) still overrides it.
+    with Pool(2, backend="process", retries=2) as pool:
+        assert pool.submit(T.crash_first_time, counter, 42).result(WAIT) == 42
+        assert int(counter.array[0]) == 2  # crashed once, then succeeded
+        counter.array[0] = 0
+        err = pool.options(timeout=WAIT).submit(T.crash_every_time, counter).exception(WAIT)
+        assert isinstance(err, WorkerCrashedError)
+        assert int(counter.array[0]) == 3  # the run and two retries, each crashed
+        counter.array[0] = 0
+        err = pool.options(retries=0).submit(T.crash_every_time, counter).exception(WAIT)
+        assert isinstance(err, WorkerCrashedError)
+        assert int(counter.array[0]) == 1
+        assert (pool.stats.crashed, pool.stats.failed) == (5, 2)
+        _still_usable(pool)
+
+
 def test_timeout_kills_and_replaces_the_worker(pool: Pool, counter: shc.SharedArray) -> None:
     fut = pool.options(timeout=0.3).submit(T.spin_forever_holding_gil, counter)
     wait_count(counter, 1)

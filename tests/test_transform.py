@@ -8,6 +8,7 @@ kernel errors that name the chunk; a worker crash that re-runs only the lost chu
 from __future__ import annotations
 
 import gc
+import math
 import operator
 import os
 import subprocess
@@ -212,6 +213,14 @@ def test_reduce_is_deterministic_across_workers_and_modes() -> None:
                         )
                     )
     assert len(results) == 1  # bit-identical: the fold order is fixed by chunk_size
+    (total,) = results
+    # ...and it is that fold: each chunk summed in order (the kernel's loop; NumPy's
+    # accumulate adds in order too), the partials added in chunk order.
+    in_chunk_order = 0.0
+    for lo in range(0, x.shape[0], 1000):
+        in_chunk_order += np.add.accumulate(x[lo : lo + 1000])[-1]
+    assert total == in_chunk_order
+    assert total == pytest.approx(math.fsum(x), rel=1e-12)
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -1119,6 +1128,64 @@ def test_an_interrupted_job_stops_its_drivers(pool: Pool, monkeypatch: pytest.Mo
         sa.unlink()
         sa.close()
     assert written < 256 // 4, f"{written} of 256 chunks written after the interrupt"
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("kind", ["transform", "reduce"])
+def test_a_job_past_its_timeout_raises_timeout_error_and_stops(
+    pool: Pool, kind: str, mode: str
+) -> None:
+    # timeout= bounds the whole job: past it TimeoutError, and the job stops (its
+    # output is not returned: nothing may go on working on it unseen). 800 chunks of
+    # 20 ms: 8 s on two workers; stopped, a chunk or two more per worker. On threads
+    # the caller runs chunks itself and looked at the clock only once none was left:
+    # such a job ran to its end and returned.
+    n, chunk = 8000, 10
+    nchunks = n // chunk
+    x = shc.from_numpy(np.arange(float(n)))
+    out = shc.from_numpy(np.full(n, np.nan))
+
+    def job(x: Any, out: Any, mode: str, timeout: float | None) -> Any:
+        if kind == "reduce":
+            return reduce(
+                K.slow_sum,
+                x,
+                combine=operator.add,
+                pool=pool,
+                chunk_size=chunk,
+                mode=mode,
+                timeout=timeout,
+            )
+        return transform(
+            K.slow_copy, x, out=out, pool=pool, chunk_size=chunk, mode=mode, timeout=timeout
+        )
+
+    try:
+        # Compiled before the clock starts (with a cold cache that takes seconds).
+        job(x.array[: 4 * chunk], out.array[: 4 * chunk], "share", None)
+        out.array[:] = np.nan
+        completed = pool.stats.completed
+        t0 = time.monotonic()
+        with pytest.raises(TimeoutError, match="did not finish within its timeout"):
+            job(x, out, mode, 0.2)
+        took = time.monotonic() - t0
+        assert took < 3.0, f"TimeoutError after {took:.1f} s"
+        state = _arenas_after_drivers_left(pool)  # (a round trip: the pool runs tasks)
+        assert not state.left
+        if mode == "share" and kind == "transform":
+            written = np.count_nonzero(~np.isnan(out.array)) // chunk
+            assert written < nchunks // 4, f"{written} of {nchunks} chunks written"
+        if mode == "copy":  # (a chunk is a task: those not started were cancelled)
+            ran = pool.stats.completed - completed
+            assert ran < nchunks // 4, f"{ran} of {nchunks} chunk tasks ran"
+    finally:
+        for sa in (x, out):
+            if not sa.detached:  # (a transfer's arrays were the job's, and went with it)
+                sa.unlink()
+                sa.close()
+    y = np.arange(1000.0)  # the pool is as usable as before
+    got = transform(K.affine, y, out=np.empty_like(y), pool=pool, chunk_size=100)
+    np.testing.assert_allclose(got, _affine_ref(y))
 
 
 # --- a worker crash mid-job --------------------------------------------------------------------

@@ -217,7 +217,7 @@ class ProcessPool(Supervision):
         threading._register_atexit(lambda: _shutdown_at_exit(ref))  # type: ignore[attr-defined]
 
     # --- workers ------------------------------------------------------------------------
-    def _start_worker_locked(self) -> _Proc:
+    def _start_worker_locked(self, spare: bool = False) -> _Proc:
         if not self._free:  # pragma: no cover - restart() waits for a slot first
             raise RuntimeError(
                 f"no free worker slot (the pool has {self._nslots} for {self._max_workers} "
@@ -252,6 +252,7 @@ class ProcessPool(Supervision):
             self._free.append(slot)
             raise
         proc = _Proc(slot, process, self._restarts[slot])
+        proc.spare = spare
         self._procs[slot] = proc
         self._dispatchable = None
         self._wake_supervisor()

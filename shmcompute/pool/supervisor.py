@@ -94,6 +94,7 @@ class _Proc:
         "retiring",
         "sent",
         "slot",
+        "spare",
         "stall_reported",
         "tail",
     )
@@ -112,6 +113,10 @@ class _Proc:
         self.stall_reported = False
         self.kill_reason: str | None = None  # why the supervisor killed it, if it did
         self.init_error: BaseException | None = None
+        # Started by restart() beside the worker it is to replace, which keeps running
+        # until this one is ready: should it fail to start, it is not replaced (nor
+        # counted towards giving up); restart() raises instead.
+        self.spare = False
 
 
 class Supervision(Pool):
@@ -145,7 +150,7 @@ class Supervision(Pool):
         def _collect_all(self) -> bool: ...
         def _deliver(self, batch: list[tuple[_Task, int, bytes, int, int]]) -> None: ...
         def _dispatch_locked(self) -> None: ...
-        def _start_worker_locked(self) -> _Proc: ...
+        def _start_worker_locked(self, spare: bool = False) -> _Proc: ...
         def _wake_supervisor(self) -> None: ...
         def _close_wake_pipe(self) -> None: ...
         def _purge_cancelled_locked(self) -> None: ...
@@ -270,7 +275,10 @@ class Supervision(Pool):
                 )
             init_failed = state == L.WS_INIT_FAILED or code == EXIT_INIT_FAILED or died_starting
             expected = p.retiring or (state == L.WS_EXITING and code == 0)
-            if init_failed:
+            # A restart()'s new worker that failed to start replaced no one: the old
+            # worker still runs, and restart() reports the failure.
+            spare_failed = init_failed and p.spare
+            if init_failed and not spare_failed:
                 self._init_failures += 1
                 self._last_init_error = p.init_error
             elif state in (L.WS_IDLE, L.WS_BUSY, L.WS_EXITING):
@@ -278,6 +286,7 @@ class Supervision(Pool):
             give_up = init_failed and self._init_failures >= _INIT_FAILURES_BEFORE_GIVING_UP
             replace = (
                 not p.retiring
+                and not spare_failed
                 and not give_up
                 and (self._state == RUNNING or (self._state == DRAINING and self._outstanding > 0))
             )
@@ -465,7 +474,7 @@ class Supervision(Pool):
                 if p.reaped:
                     return None
                 if self._free:
-                    return self._start_worker_locked()
+                    return self._start_worker_locked(spare=True)
                 retiring = [q for q in self._procs.values() if q.retiring and not q.reaped]
             if not retiring:
                 raise RuntimeError(
@@ -500,14 +509,21 @@ class Supervision(Pool):
     def _wait_ready(self, p: _Proc, end: float | None) -> None:
         idx = Rings.rec(p.slot) + L.W_STATE
         while True:
+            # Whether it died, before its state: a worker whose initializer fails stores
+            # WS_INIT_FAILED and exits, and read the other way round, that state could
+            # be missed and the failure reported as a death.
+            died = p.reaped or not p.process.is_alive()
             state = at.load(self._words, idx)
             if state not in (L.WS_EMPTY, L.WS_STARTING):
                 if state == L.WS_INIT_FAILED:
+                    # Its error went to the result ring before that state: collect it
+                    # (the collector may not have yet), or the cause would be missing.
+                    self._collect_all()
                     raise InitializerError(
                         "restart(): a new worker's initializer failed; the old workers keep running"
                     ) from p.init_error
                 return
-            if p.reaped or not p.process.is_alive():
+            if died:
                 raise WorkerCrashedError(
                     f"restart(): new worker {p.pid} died while starting "
                     f"({_exit_reason(p.process.exitcode)})",

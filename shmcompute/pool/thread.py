@@ -83,6 +83,7 @@ class _Worker:
         "ready",
         "restarts",
         "retiring",
+        "spare",
         "started_ns",
         "task",
         "thread",
@@ -99,6 +100,10 @@ class _Worker:
         self.idle = False  # in the pool's idle list (parked or about to park)
         self.retiring = False  # exit when idle (restart, shutdown)
         self.abandoned = False  # its task timed out; exit when the call returns
+        # Started by restart() beside the worker it is to replace, which keeps running
+        # until this one is ready: should its initializer fail, it is not replaced (nor
+        # counted towards giving up); restart() raises instead.
+        self.spare = False
         self.restarts = restarts
         self.done = 0
         self.errors = 0
@@ -231,13 +236,14 @@ class ThreadPool(Pool):
             (n + 1) * cap,
         )
 
-    def _start_worker_locked(self) -> _Worker:
+    def _start_worker_locked(self, spare: bool = False) -> _Worker:
         if not self._free:
             self._add_page_locked()
         index = self._free.pop()
         words, base = self._slot(index)
         words[base : base + TW_WORDS] = 0
         wk = _Worker(index, self._restarts[index], words, base)
+        wk.spare = spare
         wk.thread = threading.Thread(
             target=_work, args=(self._ref, wk), name=f"{self._prefix}_{index}", daemon=True
         )
@@ -315,15 +321,18 @@ class ThreadPool(Pool):
     def _worker_init_failed(self, wk: _Worker, error: BaseException) -> None:
         failed: list[_Task] = []
         with self._lock:
-            self._init_failures += 1
             self._last_init_error = error
-            give_up = self._init_failures >= _INIT_FAILURES_BEFORE_GIVING_UP
-            if give_up:
-                failed = list(self._queue)
-                self._queue.clear()
-                self._init_failures = 0
+            give_up = False
+            if not wk.spare:
+                self._init_failures += 1
+                give_up = self._init_failures >= _INIT_FAILURES_BEFORE_GIVING_UP
+                if give_up:
+                    failed = list(self._queue)
+                    self._queue.clear()
+                    self._init_failures = 0
             wk.retiring = True
-            self._worker_exited_locked(wk, replace=not give_up)
+            # (A restart()'s new worker replaced no one: the old one still runs.)
+            self._worker_exited_locked(wk, replace=not (give_up or wk.spare))
         wk.ready.set()
         for task in failed:
             err = InitializerError(
@@ -566,8 +575,12 @@ class ThreadPool(Pool):
             old = self._live_locked()
         for wk in old:
             with self._lock:
-                new = self._start_worker_locked()
+                new = self._start_worker_locked(spare=True)
             if not new.ready.wait(None if end is None else max(0.0, end - time.monotonic())):
+                with self._lock:
+                    # The old worker keeps running; the new one must not stay on beside
+                    # it as an extra worker: it exits once ready.
+                    new.retiring = True
                 raise TimeoutError("restart(): a new worker thread did not become ready")
             with self._lock:
                 if new.exited:
