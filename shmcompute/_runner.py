@@ -518,15 +518,14 @@ def run_job(
         # not returned, so stop every driver now rather than let them finish it unseen
         # (worker processes ignore SIGINT). Before the arena can go to another job.
         at.store(ctrl, D.J_CLAIM, D.STOP)
-        if team_running:
-            # The team's threads reach the job's arrays by address alone: no reference
-            # keeps them alive. Before the caller can free any (a transferred input, the
-            # new output, its own NumPy arrays), every driver must have left, or a
-            # thread still in its chunk wrote to freed memory (seen: a segfault after a
-            # timeout in transfer mode). Stopped, each leaves after its current chunk;
-            # so a TimeoutError comes up to a chunk late on threads.
+        if team_running and not _all_left(ctrl):
+            # The team's threads reach the job's arrays by address alone (no reference
+            # keeps them alive), and each leaves only after its current chunk: the
+            # arrays stay alive until then, whatever the caller does with its own (a
+            # transferred input, the new output, its NumPy arrays). Seen without: a
+            # segfault after a timeout in transfer mode.
             D.left(ctrl, 0)  # (a no-op unless the caller's own driver never started)
-            wait_bell(ctrl, _all_left, None)
+            job_arena.keep(tuple(arrays), out_arr, order)
         raise
     finally:
         if stop_at is not None:

@@ -1130,6 +1130,53 @@ def test_an_interrupted_job_stops_its_drivers(pool: Pool, monkeypatch: pytest.Mo
     assert written < 256 // 4, f"{written} of 256 chunks written after the interrupt"
 
 
+TIMED_OUT_AND_DROPPED = textwrap.dedent(
+    """
+    import gc, sys, time
+    import numpy as np
+    import shmcompute as shc
+    from tests import _kernels as K
+
+    if __name__ == "__main__":
+        with shc.Pool(2, backend="thread") as pool:
+            shc.transform(K.slow_copy, np.arange(40.0), out=np.empty(40), pool=pool,
+                          chunk_size=10)
+            for mode in ("transfer", "share") * 12:
+                x = shc.from_numpy(np.arange(8000.0))
+                try:
+                    shc.transform(K.slow_copy, x, pool=pool, chunk_size=10, mode=mode,
+                                  timeout=0.05)
+                except TimeoutError:
+                    pass  # (the traceback, which kept the job's arrays, goes here)
+                else:
+                    sys.exit("no TimeoutError")
+                if not x.detached:
+                    x.unlink()
+                    x.close()
+                del x
+                gc.collect()
+                time.sleep(0.03)  # the team's thread ends its chunk meanwhile
+        print("ok")
+    """
+)
+
+
+def test_arrays_of_a_timed_out_job_outlive_the_drivers_still_in_it() -> None:
+    # On threads a timed-out job raises while the team's thread is inside a chunk,
+    # writing to the new output (and reading the inputs) by address; the caller then
+    # frees them. They must stay mapped until that thread has left, or it writes to
+    # freed memory: this script segfaulted (exit -11) before. In a child: within
+    # pytest, the exception kept (and its traceback's frames) hold the arrays anyway.
+    proc = subprocess.run(
+        [sys.executable, "-c", TIMED_OUT_AND_DROPPED],
+        capture_output=True,
+        text=True,
+        timeout=100,
+        cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+    )
+    assert proc.returncode == 0 and "ok" in proc.stdout, (proc.returncode, proc.stderr[-3000:])
+
+
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("kind", ["transform", "reduce"])
 def test_a_job_past_its_timeout_raises_timeout_error_and_stops(
