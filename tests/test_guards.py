@@ -19,6 +19,8 @@ STUCK_IN_COMPILED_CODE = textwrap.dedent(
 
     from tests import _helpers as H
 
+    H.kernel_wait_forever(np.zeros(8, np.int64), 0, 1)  # compiled here (returns: 0 != 1)
+
     @pytest.mark.timeout(1)
     def test_waits_forever_in_a_kernel():
         H.kernel_wait_forever(np.zeros(8, np.int64), 0, 0)  # nothing will notify
