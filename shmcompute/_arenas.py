@@ -38,17 +38,6 @@ class Arena:
         self.words = self.shared.array if self.shared is not None else np.zeros(words, np.int64)
         # Process jobs this arena ran, pickled (see recall).
         self.jobs: dict[tuple[Any, ...], tuple[tuple[Any, ...], PackedJob]] = {}
-        # What drivers still inside a failed job reach by address alone (its arrays):
-        # kept alive until they have left, when the arena is free again (see keep).
-        self.kept: tuple[Any, ...] = ()
-
-    def keep(self, *objs: Any) -> None:
-        """Keep ``objs`` alive until every driver of this arena's job has left. A job
-        that fails (a timeout, Ctrl-C) while the thread team is inside one of its
-        chunks returns at once; the team's threads write to its arrays until they
-        leave, each after its current chunk. The caller may drop or close the arrays
-        then: a SharedArray's memory stays mapped while a view of it lives."""
-        self.kept = objs
 
     def recall(self, key: tuple[Any, ...], sas: tuple[Any, ...]) -> PackedJob | None:
         """The pickled job this arena ran before with the same kernel, sizes and
@@ -147,7 +136,6 @@ def _new_arena(pool: Pool, words: int) -> Arena:
 
 
 def release(pool: Pool, a: Arena, busy: bool = True) -> None:
-    a.kept = ()
     with pool._lock:
         state: Arenas = pool.__dict__["_arenas"]
         state.free.append(a)
@@ -198,7 +186,6 @@ def _free_left(state: Arenas) -> int:
         a, futures = entry
         if D.status(a.words) & D.ALL_LEFT or (futures and all(f.done() for f in futures)):
             state.left.remove(entry)
-            a.kept = ()
             state.free.append(a)
             state.busy -= 1
             freed += 1

@@ -352,6 +352,8 @@ def run_job(
     stop_at: _StopAt | None = None
     try:
         D.reset(ctrl, nchunks)
+        if team is not None and (team.errors or team.kept):
+            team.new_job(ctrl)
         if bar is not None:
             bar.follow(functools.partial(_chunks_done, ctrl))
         while True:
@@ -359,7 +361,12 @@ def run_job(
             ntasks = helpers(prep, pool, min(n, nwork * chunk), nwork)
             attempt = next(_attempts)
             D.begin_attempt(ctrl, nwork, ntasks, attempt)
-            if deadline is not None and not process and stop_at is None:
+            if (
+                deadline is not None
+                and not process
+                and stop_at is None
+                and deadline - time.monotonic() < threading.TIMEOUT_MAX
+            ):
                 # (After the attempt cleared the stop flag. Processes need none: the
                 # caller only waits there, and its waits end at the deadline.)
                 stop_at = _StopAt(ctrl, deadline)
@@ -419,18 +426,28 @@ def run_job(
                         f.add_done_callback(functools.partial(count_out, arenas, ctrl, t, attempt))
                 try:
                     drive(p, prep.name, ctrl, 0, *rest)
-                except BaseException:
-                    # A kernel error (the STOP flag is set) or Ctrl-C: stop the others
-                    # too, and wait for them to leave. (Ctrl-C can land before this
-                    # driver's loop ran, so count it out here, or the wait never ends.)
+                except Exception:
+                    # A kernel error (the STOP flag is set): stop the others too, and
+                    # let them leave (each after its current chunk), so that nothing
+                    # writes to the arrays once the error is raised; but only until the
+                    # deadline, if any: then the error is raised anyway, and the team's
+                    # threads still inside keep the arrays alive (below).
                     at.store(ctrl, D.J_CLAIM, D.STOP)
                     D.left(ctrl, 0)
-                    if on_team:
-                        wait_bell(ctrl, _all_left, deadline)
-                    for f in futures:
-                        f.exception(
-                            None if deadline is None else max(0.0, deadline - time.monotonic())
-                        )
+                    try:
+                        if on_team:
+                            wait_bell(ctrl, _all_left, deadline)
+                        for f in futures:
+                            left = None if deadline is None else deadline - time.monotonic()
+                            f.exception(None if left is None else max(0.0, left))
+                    except TimeoutError:
+                        pass  # (the kernel's error is the one to report)
+                    raise
+                except BaseException:
+                    # Ctrl-C (which can land before this driver's loop ran: count it out
+                    # here): return at once; drivers still inside leave after their chunk.
+                    at.store(ctrl, D.J_CLAIM, D.STOP)
+                    D.left(ctrl, 0)
                     raise
             # The driver that writes the last chunk wakes us: the output is complete.
             # Tasks that have not started yet (a worker slow to wake) will find nothing
@@ -518,14 +535,14 @@ def run_job(
         # not returned, so stop every driver now rather than let them finish it unseen
         # (worker processes ignore SIGINT). Before the arena can go to another job.
         at.store(ctrl, D.J_CLAIM, D.STOP)
-        if team_running and not _all_left(ctrl):
+        if team_running and team is not None and not _all_left(ctrl):
             # The team's threads reach the job's arrays by address alone (no reference
             # keeps them alive), and each leaves only after its current chunk: the
             # arrays stay alive until then, whatever the caller does with its own (a
             # transferred input, the new output, its NumPy arrays). Seen without: a
             # segfault after a timeout in transfer mode.
             D.left(ctrl, 0)  # (a no-op unless the caller's own driver never started)
-            job_arena.keep(tuple(arrays), out_arr, order)
+            team.keep(ctrl, (tuple(arrays), out_arr, order))
         raise
     finally:
         if stop_at is not None:

@@ -341,6 +341,11 @@ class Team:
         self.arenas: dict[int, np.ndarray] = {}  # arena address -> its words (errors)
         self.errors: dict[int, tuple[BaseException, int, int]] = {}  # arena address ->
         self.closed = False
+        # The arrays of failed jobs whose drivers were still inside a chunk when their
+        # caller returned (a timeout, Ctrl-C): the threads reach them by address alone,
+        # so they stay alive until the threads have left (``keep``). The threads keep
+        # the team alive, and with it these, even once the pool is gone.
+        self.kept: dict[int, tuple[np.ndarray, tuple[Any, ...]]] = {}
         self.handed = 0  # drivers handed to the threads (jobs x threads)
         self.ticks = itertools.count()  # jobs it was considered for (_runner.on_team)
         self.threads = [
@@ -443,6 +448,27 @@ class Team:
     def take_error(self, ctrl: np.ndarray) -> tuple[BaseException, int, int] | None:
         return self.errors.pop(ctrl.ctypes.data, None)
 
+    def keep(self, ctrl: np.ndarray, objs: tuple[Any, ...]) -> None:
+        """Keep ``objs`` (a failed job's arrays) alive until every driver of the job in
+        arena ``ctrl`` has left: its caller returned while threads were inside a chunk
+        (each leaves after it), and may drop or free its arrays (a SharedArray's memory
+        stays mapped while a view of it lives)."""
+        with self.lock:
+            self.kept[ctrl.ctypes.data] = (ctrl, objs)
+
+    def new_job(self, ctrl: np.ndarray) -> None:
+        """Arena ``ctrl`` starts a job, so every driver of its last one has left: forget
+        what that one left behind (an error a thread raised after its caller returned
+        would otherwise be reported by this job), and what other arenas no longer need
+        kept. Called only when there is something to forget (see ``_runner``)."""
+        addr = ctrl.ctypes.data
+        with self.lock:
+            self.errors.pop(addr, None)
+            self.kept.pop(addr, None)
+            for a, (words, _) in list(self.kept.items()):
+                if D.status(words) & D.ALL_LEFT:
+                    del self.kept[a]
+
     def _serve(self, me: int) -> None:
         from . import _jobs  # (imports transform's modules; the team is made by them)
 
@@ -490,5 +516,7 @@ class Team:
         for t in self.threads:
             t.join(timeout)
         stuck = [t.name for t in self.threads if t.is_alive()]
+        if not stuck:
+            self.kept.clear()  # (no thread is left to write to them)
         if stuck:
             log.warning("shmcompute team: threads still inside a kernel at close: %s", stuck)

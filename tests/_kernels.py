@@ -277,3 +277,16 @@ def slow_sum(x):  # type: ignore[no-untyped-def]
     for i in range(x.shape[0]):
         s += x[i]
     return s
+
+
+@njit(nogil=True, cache=True)
+def wait_then_fail(x, out):  # type: ignore[no-untyped-def]
+    """Waits x[0] seconds (a bounded wait on a word no one changes), then raises if
+    x[1] < 0, else copies: each chunk's duration and fate are set by its data."""
+    idle = np.zeros(1, np.int64)
+    if x[0] > 0:
+        at.wait(idle, 0, 0, x[0])
+    if x[1] < 0:
+        raise ValueError("this chunk fails")
+    for i in range(x.shape[0]):
+        out[i] = x[i]

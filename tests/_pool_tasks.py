@@ -104,6 +104,10 @@ def pid_count_and_wait(counter: Any, gate: Event, timeout: float = 30.0) -> int:
     return count_and_wait(counter, gate, timeout)
 
 
+def exit_with(code: int) -> None:
+    os._exit(code)
+
+
 def crash_every_time(counter: Any) -> None:
     """Count the run, then die (os._exit): each retry of it runs and dies again."""
     count(counter)

@@ -147,6 +147,19 @@ def test_the_pools_retries_apply_to_every_task(counter: shc.SharedArray) -> None
         _still_usable(pool)
 
 
+def test_a_worker_a_restart_started_is_replaced_like_any_other() -> None:
+    # restart()'s new workers are spares until ready (one that fails to start is not
+    # replaced: restart() reports it); once ready, a death is an ordinary one, even with
+    # the exit code of a failed initializer.
+    from shmcompute.pool.worker import EXIT_INIT_FAILED
+
+    with Pool(2, backend="process") as pool:
+        pool.restart(timeout=WAIT)
+        err = pool.options(retries=0).submit(T.exit_with, EXIT_INIT_FAILED).exception(WAIT)
+        assert isinstance(err, WorkerCrashedError)
+        _still_usable(pool)
+
+
 def test_timeout_kills_and_replaces_the_worker(pool: Pool, counter: shc.SharedArray) -> None:
     fut = pool.options(timeout=0.3).submit(T.spin_forever_holding_gil, counter)
     wait_count(counter, 1)

@@ -180,6 +180,40 @@ def test_a_kernel_error_on_a_team_thread_is_kept_for_the_job() -> None:
         team.close()
 
 
+def test_an_arena_forgets_its_failed_jobs_leftovers_when_it_starts_a_job() -> None:
+    # A team thread can fail after its job's caller returned (a timeout): the error it
+    # keeps under the arena must not be reported by the arena's next job. And a failed
+    # job's arrays, kept for threads still inside it, go once those threads have left.
+    x = np.arange(1000.0)
+    x[734] = -1.0
+    out = np.empty_like(x)
+    team = TM.Team(1)
+    try:
+        ctrl = np.zeros(D.ctrl_words(10), np.int64)
+        other = np.zeros(D.ctrl_words(10), np.int64)
+        D.reset(ctrl, 10)
+        D.begin_attempt(ctrl, 10, 2, 1)
+        rt = kernel_rt("map", K.fails_on_negative, (x,), out)
+        p = plan("map", K.fails_on_negative, rt, ctrl, NO_ORDER, (x,), out)
+        sig = team.signature(p, "map", (x,), out)
+        team.keep(ctrl, (x, out))  # (as run_job does when it returns first)
+        D.left(ctrl, 0)
+        assert team.publish(ctrl, sig, p, NO_ORDER, (x,), out, 1000, 100, 10, 0, 2)
+        deadline = time.monotonic() + WAIT
+        while not D.status(ctrl) & D.ALL_LEFT:
+            assert time.monotonic() < deadline, "the team's driver did not leave"
+            time.sleep(0.001)
+        assert ctrl.ctypes.data in team.errors  # its caller never took it
+        team.new_job(other)  # another arena's job: this one's drivers have all left
+        assert ctrl.ctypes.data not in team.kept
+        assert ctrl.ctypes.data in team.errors
+        D.reset(ctrl, 10)
+        team.new_job(ctrl)  # the arena's next job
+        assert team.take_error(ctrl) is None
+    finally:
+        team.close()
+
+
 def test_a_kernel_error_in_a_team_job_names_the_chunk(every_driver: None, pool: Pool) -> None:
     x = np.arange(20_000.0)
     transform(K.fails_on_negative, x, out=np.empty_like(x), pool=pool, chunk_size=1000)

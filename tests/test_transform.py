@@ -1130,6 +1130,35 @@ def test_an_interrupted_job_stops_its_drivers(pool: Pool, monkeypatch: pytest.Mo
     assert written < 256 // 4, f"{written} of 256 chunks written after the interrupt"
 
 
+def test_a_kernel_error_is_not_held_past_the_deadline_nor_hidden_by_it() -> None:
+    # The caller's own chunk fails at once while the team's thread is in a 1.5 s chunk:
+    # the caller lets the others leave (nothing writes after the error is raised) but
+    # only until the job's deadline, and the error raised is the kernel's.
+    n = 4096
+    with Pool(2, backend="thread") as pool:
+        slow = np.zeros(n)
+        slow[0] = slow[n // 2] = 0.05
+        transform(K.wait_then_fail, slow, out=np.empty(n), pool=pool, chunk_size=n // 2)
+        x = np.zeros(n)
+        x[1] = -1.0  # chunk 0 (the caller's own block) fails at once
+        x[n // 2] = 1.5  # chunk 1 (the team's) takes 1.5 s
+        t0 = time.monotonic()
+        with pytest.raises(TransformError, match="this chunk fails on chunk 0"):
+            transform(
+                K.wait_then_fail, x, out=np.empty(n), pool=pool, chunk_size=n // 2, timeout=0.3
+            )
+        assert time.monotonic() - t0 < 1.2
+
+
+@pytest.mark.filterwarnings("error::pytest.PytestUnhandledThreadExceptionWarning")
+@pytest.mark.parametrize("timeout", [1e10, math.inf])
+def test_a_timeout_beyond_any_clock_is_no_timeout(pool: Pool, timeout: float) -> None:
+    x = np.arange(10_000.0)
+    out = np.empty_like(x)
+    transform(K.affine, x, out=out, pool=pool, chunk_size=1000, timeout=timeout)
+    np.testing.assert_allclose(out, 2.5 * x + 1.0)
+
+
 TIMED_OUT_AND_DROPPED = textwrap.dedent(
     """
     import gc, sys, time

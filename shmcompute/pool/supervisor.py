@@ -522,6 +522,7 @@ class Supervision(Pool):
                     raise InitializerError(
                         "restart(): a new worker's initializer failed; the old workers keep running"
                     ) from p.init_error
+                p.spare = False  # ready: from now on an exit is a worker's like any other
                 return
             if died:
                 raise WorkerCrashedError(
