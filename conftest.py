@@ -29,6 +29,8 @@ from shmcompute.array import PREFIX, SHM_DIR
 HANG_GRACE_S = float(os.environ.get("SHMCOMPUTE_TEST_HANG_GRACE_S", "30"))  # (tests/test_guards.py)
 # Long-lived helpers that multiprocessing keeps for the whole session, not leaks.
 _SESSION_HELPERS = ("resource_tracker", "forkserver")
+# ... and threads shmcompute keeps for the process's life, made on first use.
+_PROCESS_THREADS = ("shmcompute-deadlines",)
 _stderr = pytest.StashKey[int]()
 _SEEN: set[int] = set()  # every process seen in this session's tree, alive or not
 
@@ -130,7 +132,11 @@ def no_leaks() -> Iterator[None]:
     while True:
         new_segs = _new_segments(before, others)
         stray = _stray_children()
-        new_threads = [t for t in threading.enumerate() if t not in threads and t.is_alive()]
+        new_threads = [
+            t
+            for t in threading.enumerate()
+            if t not in threads and t.is_alive() and t.name not in _PROCESS_THREADS
+        ]
         if not (new_segs or stray or new_threads) or time.monotonic() > deadline:
             break
         time.sleep(0.02)  # bounded: lets exiting children and threads finish

@@ -1159,6 +1159,20 @@ def test_a_timeout_beyond_any_clock_is_no_timeout(pool: Pool, timeout: float) ->
     np.testing.assert_allclose(out, 2.5 * x + 1.0)
 
 
+def test_timed_jobs_share_one_deadline_thread_that_keeps_nothing_of_ended_jobs() -> None:
+    from shmcompute import _runner
+
+    x = np.arange(1000.0)
+    out = np.empty_like(x)
+    with Pool(2, backend="thread") as pool:
+        for _ in range(500):
+            transform(K.affine, x, out=out, pool=pool, timeout=30.0)
+    names = [t.name for t in threading.enumerate()]
+    assert names.count(_runner._Deadlines.NAME) == 1
+    assert len(_runner._deadlines._heap) <= 2  # (each call's entry goes at the next)
+    np.testing.assert_allclose(out, 2.5 * x + 1.0)
+
+
 TIMED_OUT_AND_DROPPED = textwrap.dedent(
     """
     import gc, sys, time
