@@ -272,17 +272,19 @@ class _Deadlines:
 
     def _start(self) -> None:
         # (Also in a forked child: the parent's thread is not there, and its lock may
-        # have been held at the fork.)
-        self._pid = os.getpid()
+        # have been held at the fork.) The pid last: another thread may be checking it.
         self._cond = threading.Condition(threading.Lock())
         self._heap: list[tuple[float, int, list[np.ndarray | None]]] = []
         self._seq = itertools.count()
         self._until = -math.inf  # when the thread wakes next, at the latest
         threading.Thread(target=self._run, name=self.NAME, daemon=True).start()
+        self._pid = os.getpid()
 
     def add(self, ctrl: np.ndarray, deadline: float) -> list[np.ndarray | None]:
         if self._pid != os.getpid():
-            self._start()
+            with _deadlines_start:
+                if self._pid != os.getpid():
+                    self._start()
         entry: list[np.ndarray | None] = [ctrl]
         with self._cond:
             heap = self._heap
@@ -316,6 +318,15 @@ class _Deadlines:
 
 
 _deadlines = _Deadlines()
+_deadlines_start = threading.Lock()
+
+
+def _after_fork_in_child() -> None:
+    global _deadlines_start
+    _deadlines_start = threading.Lock()  # (a thread of the parent may have held it)
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 # --- one job ---------------------------------------------------------------------------------
