@@ -149,27 +149,36 @@ def test_one_worker_pools_have_no_team() -> None:
         assert "_team" not in pool.__dict__
 
 
-def test_a_kernel_error_on_a_team_thread_is_kept_for_the_job() -> None:
-    # The job goes to the team alone (this test plays a caller that leaves at once), so
-    # the team's thread runs every chunk and meets the bad one itself.
+def _fail_on_the_team(team: TM.Team, keep: bool = False) -> np.ndarray:
+    """Hand a 10-chunk job whose chunk 7 fails to ``team`` alone (playing a caller that
+    leaves at once, so the team's thread runs every chunk and meets the bad one); its
+    arena's words once the thread has left. ``keep``: as ``run_job`` does when it
+    returns while a team thread is inside."""
     x = np.arange(1000.0)
     x[734] = -1.0
     out = np.empty_like(x)
+    ctrl = np.zeros(D.ctrl_words(10), np.int64)
+    D.reset(ctrl, 10)
+    D.begin_attempt(ctrl, 10, 2, 1)
+    rt = kernel_rt("map", K.fails_on_negative, (x,), out)
+    p = plan("map", K.fails_on_negative, rt, ctrl, NO_ORDER, (x,), out)
+    sig = team.signature(p, "map", (x,), out)
+    assert sig >= 0
+    if keep:
+        team.keep(ctrl, (x, out))
+    D.left(ctrl, 0)  # the caller's driver: gone without a chunk
+    assert team.publish(ctrl, sig, p, NO_ORDER, (x,), out, 1000, 100, 10, 0, 2)
+    deadline = time.monotonic() + WAIT
+    while not D.status(ctrl) & D.ALL_LEFT:
+        assert time.monotonic() < deadline, "the team's driver did not leave"
+        time.sleep(0.001)
+    return ctrl
+
+
+def test_a_kernel_error_on_a_team_thread_is_kept_for_the_job() -> None:
     team = TM.Team(1)
     try:
-        ctrl = np.zeros(D.ctrl_words(10), np.int64)
-        D.reset(ctrl, 10)
-        D.begin_attempt(ctrl, 10, 2, 1)
-        rt = kernel_rt("map", K.fails_on_negative, (x,), out)
-        p = plan("map", K.fails_on_negative, rt, ctrl, NO_ORDER, (x,), out)
-        sig = team.signature(p, "map", (x,), out)
-        assert sig >= 0
-        D.left(ctrl, 0)  # the caller's driver: gone without a chunk
-        assert team.publish(ctrl, sig, p, NO_ORDER, (x,), out, 1000, 100, 10, 0, 2)
-        deadline = time.monotonic() + WAIT
-        while not D.status(ctrl) & D.ALL_LEFT:
-            assert time.monotonic() < deadline, "the team's driver did not leave"
-            time.sleep(0.001)
+        ctrl = _fail_on_the_team(team)
         failed = team.take_error(ctrl)
         assert failed is not None
         error, t, chunk = failed
@@ -184,28 +193,12 @@ def test_an_arena_forgets_its_failed_jobs_leftovers_when_it_starts_a_job() -> No
     # A team thread can fail after its job's caller returned (a timeout): the error it
     # keeps under the arena must not be reported by the arena's next job. And a failed
     # job's arrays, kept for threads still inside it, go once those threads have left.
-    x = np.arange(1000.0)
-    x[734] = -1.0
-    out = np.empty_like(x)
     team = TM.Team(1)
     try:
-        ctrl = np.zeros(D.ctrl_words(10), np.int64)
-        other = np.zeros(D.ctrl_words(10), np.int64)
-        D.reset(ctrl, 10)
-        D.begin_attempt(ctrl, 10, 2, 1)
-        rt = kernel_rt("map", K.fails_on_negative, (x,), out)
-        p = plan("map", K.fails_on_negative, rt, ctrl, NO_ORDER, (x,), out)
-        sig = team.signature(p, "map", (x,), out)
-        team.keep(ctrl, (x, out))  # (as run_job does when it returns first)
-        D.left(ctrl, 0)
-        assert team.publish(ctrl, sig, p, NO_ORDER, (x,), out, 1000, 100, 10, 0, 2)
-        deadline = time.monotonic() + WAIT
-        while not D.status(ctrl) & D.ALL_LEFT:
-            assert time.monotonic() < deadline, "the team's driver did not leave"
-            time.sleep(0.001)
-        assert ctrl.ctypes.data in team.errors  # its caller never took it
-        team.new_job(other)  # another arena's job: this one's drivers have all left
-        assert ctrl.ctypes.data not in team.kept
+        ctrl = _fail_on_the_team(team, keep=True)
+        assert ctrl.ctypes.data in team.errors and ctrl.ctypes.data in team.kept
+        team.new_job(np.zeros(D.ctrl_words(10), np.int64))  # another arena's job
+        assert ctrl.ctypes.data not in team.kept  # (its drivers have all left)
         assert ctrl.ctypes.data in team.errors
         D.reset(ctrl, 10)
         team.new_job(ctrl)  # the arena's next job
