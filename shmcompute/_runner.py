@@ -455,6 +455,7 @@ def run_job(
                 on_team = False
                 if ntasks > 1 and team is not None:
                     sig = team.signature(p, kind, ins, out_arr)
+                    team_running = True  # (from before the publish: Ctrl-C can land after)
                     on_team = sig >= 0 and team.publish(
                         ctrl, sig, p, order, ins, out_arr, n, chunk, nchunks, overlap, ntasks
                     )

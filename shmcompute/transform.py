@@ -290,7 +290,9 @@ def transform(
         overlap: rows of halo on each side of every input chunk (neighbour kernels).
         progress: show a progress bar (tqdm if installed) fed from the chunk counter.
         retries: times chunks lost to a crashed worker are re-run (0: raise).
-        timeout: seconds for the whole job; past it ``TimeoutError``.
+        timeout: seconds for the whole job; past it ``TimeoutError``. A chunk in
+            progress is not interrupted: the drivers stop after their current chunks,
+            and on threads the error comes once the caller's own chunk has ended.
 
     Returns:
         ``out`` (a SharedArray when it was None, or in transfer mode).
