@@ -34,6 +34,11 @@ def pid() -> int:
     return os.getpid()
 
 
+def worker_id() -> tuple[int, int]:
+    """Which worker ran the task: its process and thread."""
+    return os.getpid(), threading.get_ident()
+
+
 def ident(x: Any) -> Any:
     return x
 

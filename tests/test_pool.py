@@ -912,6 +912,52 @@ def test_rolling_restart_under_a_stream_loses_nothing(
     assert pool.stats.restarts == 4
 
 
+def test_tasks_submitted_during_a_restart_wait_for_the_old_workers_until_the_new_one_is_ready(
+    make_pool: Callable[..., Pool], counter: shc.SharedArray
+) -> None:
+    # A restart's new worker takes tasks only once it is ready: until then the workers
+    # it replaces run them. (On processes a task went to the new worker as soon as it
+    # was started, and waited there for its initializer while the old worker sat idle.)
+    go, held = Event(), Event()
+    with shc.zeros(1, np.int64) as started:
+        try:
+            pool = make_pool(1, initializer=T.init_hold_after, initargs=(started, 1, held))
+            old = pool.submit(T.worker_id).result(WAIT)
+            # Tasks of this length go one at a time to a worker (none queue behind a
+            # busy one), so the one below is placed only by who is free to take it.
+            assert pool.submit(T.sleep_for, 0.05).result(WAIT) == 0.05
+            busy = pool.submit(T.count_and_wait, counter, go)
+            wait_count(counter, 1)
+            restarted: list[BaseException | None] = []
+
+            def restart() -> None:
+                try:
+                    pool.restart(timeout=WAIT)
+                    restarted.append(None)
+                except BaseException as e:
+                    restarted.append(e)
+
+            t = threading.Thread(target=restart)
+            t.start()
+            wait_count(started, 2)  # the new worker is in its initializer, held there
+            during = pool.submit(T.worker_id)
+            go.set()
+            assert busy.result(WAIT) == 1
+            done, _ = cf.wait([during], 10.0)
+            assert during in done, "the task waited for the new worker's initializer"
+            assert during.result() == old
+            held.set()
+            t.join(WAIT)
+            assert restarted == [None]
+            new = pool.submit(T.worker_id).result(WAIT)
+            assert new != old and pool.stats.total == 1
+        finally:
+            go.set()
+            held.set()
+            go.close()
+            held.close()
+
+
 def test_stats_count_every_restart(make_pool: Callable[..., Pool]) -> None:
     # Restarts rotate workers through the slots: summing the current workers' per-slot
     # counts said 1 after two rolling restarts of a one-worker pool (and 0 once closed).

@@ -360,8 +360,10 @@ class ProcessPool(Supervision):
             return
         procs = self._dispatchable
         if procs is None:  # rebuilt only after the worker set changed
+            # (Not a restart's new worker until it is ready: the one it replaces still
+            # runs tasks, and a task sent to the new one would wait for its initializer.)
             procs = self._dispatchable = [
-                p for p in self._procs.values() if not (p.retiring or p.reaped)
+                p for p in self._procs.values() if not (p.retiring or p.reaped or p.spare)
             ]
         cap = self._cap
         words = self._words

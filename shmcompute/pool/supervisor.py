@@ -522,7 +522,12 @@ class Supervision(Pool):
                     raise InitializerError(
                         "restart(): a new worker's initializer failed; the old workers keep running"
                     ) from p.init_error
-                p.spare = False  # ready: from now on an exit is a worker's like any other
+                with self._lock:
+                    # Ready: it takes tasks (queued ones at once), and from now on an
+                    # exit is a worker's like any other.
+                    p.spare = False
+                    self._dispatchable = None
+                    self._dispatch_locked()
                 return
             if died:
                 raise WorkerCrashedError(
