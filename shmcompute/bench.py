@@ -23,7 +23,7 @@ result was right (2.00x = twice as fast). The ``cpu``, ``memory``, ``small`` and
 rotated order), so that a slow spell of a shared machine falls on all of them alike.
 
 ``--json`` saves the settings, the machine, the rows, the skipped peers and the failed
-sides. Each row (``_bench_sections.Row``) has ``median_s`` / ``best_s`` per timed run,
+sides. Each row (``_bench_timing.Row``) has ``median_s`` / ``best_s`` per timed run,
 as measured, and ``runs``; a run is ``per_run`` ``item``s (calls of the small and mid
 sections, tasks of roundtrip, else 1 run), and ``median_per_item_s`` /
 ``best_per_item_s`` (the table's figures) divide by it. ``size`` counts ``size_unit``:
@@ -54,21 +54,12 @@ from typing import Any
 import numpy as np
 
 from ._bench_pools import PEER_TIMEOUT_S, forkserver_pools
-from ._bench_sections import (
-    Report,
-    Row,
-    _array_section,
-    _Bench,
-    _fmt_bytes,
-    _modes_section,
-    _roundtrip_section,
-    _say,
-    _small_section,
-)
+from ._bench_sections import _array_section, _modes_section, _roundtrip_section, _small_section
+from ._bench_timing import Report, Row, _Bench, _fmt_bytes, _say
 
 # Also used by benchmarks/scaling.py and the notebooks (re-exported):
-from ._bench_sections import _chunks as _chunks
-from ._bench_sections import _time as _time
+from ._bench_timing import _chunks as _chunks
+from ._bench_timing import _time as _time
 
 __all__ = ["SECTIONS", "Report", "Row", "main"]
 

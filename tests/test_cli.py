@@ -161,7 +161,7 @@ def test_bench_quick_verifies_and_saves(tmp_path):
 
 def test_bench_labels_and_best_peer():
     from shmcompute import bench
-    from shmcompute._bench_sections import Report, Row, _fmt_bytes
+    from shmcompute._bench_timing import Report, Row, _fmt_bytes
 
     assert _fmt_bytes(200_000 * 8) == "1.53 MiB"  # was "1 MiB"
     assert [_fmt_bytes(n) for n in (8, 8000, 1 << 20, int(1.9 * 2**20), 64 << 20)] == [
