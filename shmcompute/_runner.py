@@ -134,15 +134,18 @@ def on_team(team: Team, work_ns: float, most: int) -> int:
     """Drivers for ``work_ns`` of work on ``team`` (``most`` > 1). A team thread that
     is awake (spinning for its next job a while after each one) starts a job within a
     microsecond or so; a parked one only once the publish has woken it, tens to
-    hundreds of microseconds later. So each count is judged by the start of the
-    threads it would use: any count by the parked threads' start, a larger one by the
-    awake threads' start if that many are awake.
+    hundreds of microseconds later, and that wake-up is a system call in the caller's
+    own path (tens of microseconds too when the machine has been idle: measured on a
+    2-core VM, waking a parked helper made a 50,000-element job 30% slower than the
+    caller doing it alone). So each count is judged by the threads it would use: any
+    count by the parked threads' start and wake-up cost, a larger one by the awake
+    threads' start if that many are awake.
 
     The two estimates move only as threads start jobs: one that came out high (a busy
     minute) would keep the team idle and so never be measured again; one job in
     ``EXPLORE_EVERY`` that the first guess (``START_NS``) would give a helper gets one
     anyway, to measure again."""
-    k = min(most, team_drivers(work_ns, team.cold_start_s * 1e9))
+    k = min(most, team_drivers(work_ns, team.cold_start_s * 1e9, team.wake_s * 1e9))
     if k < most:
         awake = min(most, team_drivers(work_ns, team.start_s * 1e9))
         if awake > k:
@@ -152,14 +155,15 @@ def on_team(team: Team, work_ns: float, most: int) -> int:
     return k
 
 
-def team_drivers(work_ns: float, late_ns: float) -> int:
+def team_drivers(work_ns: float, late_ns: float, helper_ns: float = TEAM_HELPER_NS) -> int:
     """Drivers for ``work_ns`` of work on a team whose threads start ``late_ns`` after
-    the caller. A team driver costs the caller only its publish (no GIL, no pool
-    task): the caller works alone until the others start, then k drivers share the
-    rest, so the job takes about ``late + (work - late) / k``, and the k-th driver saves
+    the caller. A team driver costs the caller only its publish, ``helper_ns`` (no
+    GIL, no pool task; for a parked thread, the notify that wakes it): the caller
+    works alone until the others start, then k drivers share the rest, so the job
+    takes about ``late + (work - late) / k``, and the k-th driver saves
     ``(work - late) / (k (k - 1))``. Take the largest k for which that is at least
     ``HELP_FACTOR`` times its cost."""
-    spare = (work_ns - late_ns) / (HELP_FACTOR * TEAM_HELPER_NS)
+    spare = (work_ns - late_ns) / (HELP_FACTOR * max(TEAM_HELPER_NS, helper_ns))
     if spare < 2:
         return 1
     return int((1 + math.sqrt(1 + 4 * spare)) / 2)

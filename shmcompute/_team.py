@@ -58,6 +58,9 @@ log = logging.getLogger("shmcompute")
 # thread that was parked (asleep on its doorbell, so the publish had to wake it).
 H_START_NS = 0
 H_COLD_NS = 1
+# Running median of what waking a parked thread costs the caller's publish (its notify:
+# a system call, and on a VM often a wake-up of an idle virtual CPU), ns.
+H_WAKE_NS = 2
 HEADER = 8
 R_BELL = 0  # jobs published to this thread (it waits on this word)
 R_SEEN = 1  # jobs it has taken
@@ -82,6 +85,7 @@ D_OVERLAP = 7
 
 SPIN_NS = 200_000  # a thread that ran a driver spins this long for the next job
 START_NS = 20_000  # first guess of publish-to-start (awake or parked)
+WAKE_NS = 5_000  # first guess of what waking a parked thread costs the caller
 
 
 def team_words(size: int) -> int:
@@ -310,6 +314,7 @@ def _publish(words, ntasks, addr, nwords, sig, now_ns):  # type: ignore[no-untyp
         rec = HEADER + me * REC
         if words[rec + R_BELL] - at.load(words, rec + R_SEEN) >= RING:
             return False
+    ts = np.empty(2, np.int64)
     for me in range(ntasks - 1):
         rec = HEADER + me * REC
         bell = words[rec + R_BELL]
@@ -319,7 +324,15 @@ def _publish(words, ntasks, addr, nwords, sig, now_ns):  # type: ignore[no-untyp
         words[slot + 2] = sig
         words[slot + 3] = now_ns
         at.store(words, rec + R_BELL, bell + 1)
-        at.notify(words, rec + R_BELL)
+        if words[rec + R_PARKED]:
+            # (The flag only picks which notify to time: each one is made either way.)
+            t0 = _now_ns(ts)
+            at.notify(words, rec + R_BELL)
+            took = _now_ns(ts) - t0
+            est = words[H_WAKE_NS]
+            words[H_WAKE_NS] = est + est // 10 + 1 if took > est else est - est // 11
+        else:
+            at.notify(words, rec + R_BELL)
     return True
 
 
@@ -332,6 +345,7 @@ class Team:
         self.size = size
         self.words = np.zeros(team_words(size), np.int64)
         self.words[H_START_NS] = self.words[H_COLD_NS] = START_NS
+        self.words[H_WAKE_NS] = WAKE_NS
         for me in range(size):
             self.words[HEADER + me * REC + R_PARKED] = 1  # (each starts parked, see _serve)
         self.lock = threading.Lock()  # publishing (several callers may share the pool)
@@ -365,6 +379,11 @@ class Team:
         """Typical seconds from publishing a job to a parked thread starting it (the
         publish wakes it)."""
         return self.words.item(H_COLD_NS) / 1e9  # type: ignore[no-any-return]
+
+    @property
+    def wake_s(self) -> float:
+        """Typical seconds a publish spends waking one parked thread (its notify)."""
+        return self.words.item(H_WAKE_NS) / 1e9  # type: ignore[no-any-return]
 
     def awake(self, most: int) -> int:
         """How many of threads 0, 1, ... (the ones a job of ``most + 1`` drivers goes

@@ -37,7 +37,7 @@ def every_driver(monkeypatch: pytest.MonkeyPatch) -> None:
     the team's threads have lately started (on a loaded machine a 20,000-element job
     can be shorter than that, and the caller would do it alone)."""
     monkeypatch.setattr(_runner, "HELP_FACTOR", 1e-12)
-    monkeypatch.setattr(_runner, "team_drivers", lambda work_ns, late_ns: 1 << 20)
+    monkeypatch.setattr(_runner, "team_drivers", lambda *_: 1 << 20)
 
 
 @pytest.fixture
@@ -325,11 +325,14 @@ def test_team_helper_count_pays_for_itself() -> None:
 
 
 class _Estimates:
-    """What ``_runner.on_team`` reads of a team: its two start estimates and how many
-    of its first threads are awake."""
+    """What ``_runner.on_team`` reads of a team: its two start estimates, what waking a
+    parked thread costs the caller, and how many of its first threads are awake."""
 
-    def __init__(self, awake_s: float, parked_s: float, awake: int, size: int = 15) -> None:
+    def __init__(
+        self, awake_s: float, parked_s: float, awake: int, size: int = 15, wake_s: float = 0.0
+    ) -> None:
         self.start_s, self.cold_start_s, self._awake = awake_s, parked_s, awake
+        self.wake_s = wake_s
         self.size = size
         self.ticks = itertools.count(1)  # (tick 0 would be a measuring job)
 
@@ -356,6 +359,18 @@ def test_helpers_are_judged_by_whether_their_threads_are_awake() -> None:
         assert f(two, 1e12, 2) == 2  # type: ignore[arg-type]
 
 
+def test_waking_a_parked_thread_is_charged_to_the_job() -> None:
+    f = _runner.on_team
+    # Parked threads start within 10 us, but waking one costs the caller 40 us (on a VM
+    # whose other CPU idles): a 150 us job is the caller's alone...
+    assert f(_Estimates(1e-6, 10e-6, 0, size=1, wake_s=40e-6), 150_000, 2) == 1  # type: ignore[arg-type]
+    # ...where a cheap wake-up would have paid for itself...
+    assert f(_Estimates(1e-6, 10e-6, 0, size=1, wake_s=1e-6), 150_000, 2) == 2  # type: ignore[arg-type]
+    # ...and an awake thread needs none; a long job pays for the wake-up.
+    assert f(_Estimates(1e-6, 10e-6, 1, size=1, wake_s=40e-6), 150_000, 2) == 2  # type: ignore[arg-type]
+    assert f(_Estimates(1e-6, 10e-6, 0, size=1, wake_s=40e-6), 10_000_000, 2) == 2  # type: ignore[arg-type]
+
+
 def test_a_team_judged_too_slow_is_measured_again_now_and_then() -> None:
     # Both estimates high (a busy minute): the team would never be used, so never be
     # measured again. One job in EXPLORE_EVERY gets a helper anyway...
@@ -378,6 +393,7 @@ def test_a_threads_start_counts_as_parked_or_awake() -> None:
         words = team.words
         assert team.handed >= 1 and words[TM.H_START_NS] == TM.START_NS
         assert words[TM.H_COLD_NS] != TM.START_NS
+        assert words[TM.H_WAKE_NS] != TM.WAKE_NS  # (the publish timed its wake-up)
         deadline = time.monotonic() + WAIT
         out = np.empty_like(X)
         while words[TM.H_START_NS] == TM.START_NS:  # (a busy machine may park it between)
