@@ -143,18 +143,21 @@ def release(pool: Pool, a: Arena, busy: bool = True) -> None:
         state.cond.notify()
 
 
-def release_when_left(pool: Pool, a: Arena, futures: Sequence[Any] = ()) -> None:
+def release_when_left(
+    pool: Pool, a: Arena, futures: Sequence[Any] = (), left: bool = False
+) -> None:
     """Give the arena back once every driver of its job has left: now, when its last
     pool task's future resolves (``count_out``), or when a job next looks for an arena
     (team threads tell no one when they leave). A driver task or team thread that
     woke after the others had done every chunk still reads it, and one that has not
     started yet will. ``futures``: the job's pool tasks (a task whose future resolved
-    is done with the arena, even if it never counted itself out: its worker died)."""
+    is done with the arena, even if it never counted itself out: its worker died).
+    ``left``: the caller saw every driver leave already (no need to look again)."""
     with pool._lock:
         state: Arenas = pool.__dict__["_arenas"]
         # Checked under the lock: a last task's callback that counts the job out now
         # either ran before this (all left: release it here) or finds it in ``left``.
-        if D.status(a.words) & D.ALL_LEFT:
+        if left or D.status(a.words) & D.ALL_LEFT:
             release(pool, a)  # (the lock is re-entrant)
         else:
             state.left.append((a, futures))

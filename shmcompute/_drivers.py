@@ -128,6 +128,15 @@ def begin_attempt(ctrl, nwork, ntasks, attempt):  # type: ignore[no-untyped-def]
         ctrl[J_BLOCK + BLOCK_STRIDE * t] = 0
 
 
+@njit(cache=True)
+def start(ctrl, nchunks, ntasks, attempt):  # type: ignore[no-untyped-def]
+    """``reset`` and the first ``begin_attempt`` (every chunk), in one call: a call into
+    compiled code costs ~1 us, and several times that once the caller has been doing
+    other work (its caches cold)."""
+    reset(ctrl, nchunks)
+    begin_attempt(ctrl, nchunks, ntasks, attempt)
+
+
 # The per-chunk helpers (claim, finished, ring, left) are plain calls, not inlined at
 # Numba's IR level: a call per chunk is lost in a chunk's work (measured: 16M elements
 # in 1,024-element chunks ran as fast), and IR inlining them made every new driver

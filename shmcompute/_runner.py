@@ -196,11 +196,6 @@ SPIN_NS = 100_000  # a short job ends within this: catch it spinning, without sl
 CORES = usable_cores()
 
 
-def _complete(ctrl: np.ndarray) -> bool:
-    """Every chunk of this attempt is written and nothing asked the drivers to stop."""
-    return bool(D.status(ctrl) & D.COMPLETE)
-
-
 def _all_left(ctrl: np.ndarray) -> bool:
     return bool(D.status(ctrl) & D.ALL_LEFT)
 
@@ -403,17 +398,23 @@ def run_job(
     order = NO_ORDER
     order_sa: SharedArray | None = None
     stop_at: list[np.ndarray | None] | None = None  # (_deadlines' entry)
+    st = 0  # the attempt's D.status, as last read (ALL_LEFT, once read, stays true)
     try:
-        D.reset(ctrl, nchunks)
+        nwork = nchunks
+        ntasks = helpers(prep, pool, min(n, nwork * chunk), nwork)
+        attempt = next(_attempts)
+        D.start(ctrl, nchunks, ntasks, attempt)
         if team is not None and (team.errors or team.kept):
             team.new_job(ctrl)
         if bar is not None:
             bar.follow(functools.partial(_chunks_done, ctrl))
         while True:
-            nwork = order.shape[0] if order.shape[0] else nchunks
-            ntasks = helpers(prep, pool, min(n, nwork * chunk), nwork)
-            attempt = next(_attempts)
-            D.begin_attempt(ctrl, nwork, ntasks, attempt)
+            if order.shape[0]:  # a re-run of the chunks a crash lost
+                nwork = order.shape[0]
+                ntasks = helpers(prep, pool, min(n, nwork * chunk), nwork)
+                attempt = next(_attempts)
+                st = 0
+                D.begin_attempt(ctrl, nwork, ntasks, attempt)
             if deadline is not None and not process and stop_at is None and deadline < math.inf:
                 # (After the attempt cleared the stop flag. Processes need none: the
                 # caller only waits there, and its waits end at the deadline.)
@@ -475,6 +476,7 @@ def run_job(
                         f.add_done_callback(functools.partial(count_out, arenas, ctrl, t, attempt))
                 try:
                     drive(p, prep.name, ctrl, 0, *rest)
+                    st = D.status(ctrl)
                 except Exception:
                     # A kernel error (the STOP flag is set): stop the others too, and
                     # let them leave (each after its current chunk), so that nothing
@@ -504,8 +506,12 @@ def run_job(
             # Spin first, unless that takes a core from a worker: on processes the
             # caller is one more runnable thread, and a worker queued behind its spin
             # on a core would start late while the other workers take its share.
-            wait_bell(ctrl, _either, deadline, pool if not process or ntasks < CORES else None)
-            if _complete(ctrl):
+            # (On threads the caller's driver often wrote the last chunk itself, or
+            # found it written: then there is nothing to wait for.)
+            if not st:
+                wait_bell(ctrl, _either, deadline, pool if not process or ntasks < CORES else None)
+                st = D.status(ctrl)
+            if st & D.COMPLETE:
                 # The work per row, for the next call's helper count: exact when the
                 # caller ran alone; otherwise an upper bound (every task busy from its
                 # start, which took the pool's usual submit-to-start time, to the end).
@@ -602,7 +608,7 @@ def run_job(
         # claim and leave: the arena goes back to the pool once every driver has left.
         if teamed and team is not None:
             team.take_error(ctrl)  # (a failure the caller did not get to look at)
-        release_when_left(pool, job_arena, every_future)
+        release_when_left(pool, job_arena, every_future, bool(st & D.ALL_LEFT))
         if order_sa is not None:
             order_sa.unlink()
             order_sa.close()
