@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import functools
 import multiprocessing as mp
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -143,6 +144,22 @@ def _array_section(b: _Bench, pools: dict[str, Any], section: str, n: int) -> No
         _interleave_rounds(b, section, n, sides)
 
 
+_OTHER: list[str] = []
+
+
+def _other_work() -> int:
+    """About a millisecond of unrelated Python, run untimed before each call of the
+    ``cold`` section: a walk over 25,000 of 200,000 small objects spread over ~10 MiB.
+    It moves the caller's code and data out of the CPU's caches, as an application's
+    own work between two calls does (an idle pause does too, on a VM more so)."""
+    if not _OTHER:
+        _OTHER.extend(str(i) for i in range(200_000))
+    total = 0
+    for v in _OTHER[::8]:
+        total += len(v)
+    return total
+
+
 def _small_section(
     b: _Bench, pools: dict[str, Any], n: int, calls: int, section: str = "small"
 ) -> None:
@@ -150,7 +167,9 @@ def _small_section(
     ``small``: the fixed cost of a call; parallelism cannot pay off at that size, what
     is left is each tool's own overhead, and a direct call of the kernel is the floor.
     ``mid``: sizes where starting workers is a large part of the job (the data fits in
-    the cores' caches, so a tool that keeps each core on the same rows gains more)."""
+    the cores' caches, so a tool that keeps each core on the same rows gains more).
+    ``cold``: the small call again, each after ``_other_work`` (untimed): the fixed
+    cost a program pays that calls now and then rather than in a tight loop."""
     import numba
 
     from . import _bench_kernels as K
@@ -170,11 +189,22 @@ def _small_section(
     def wipe() -> None:
         out.fill(np.nan)
 
-    def repeated(call: Callable[[], Any], numba_threads: int = 0) -> Callable[[], None]:
-        def run() -> None:
+    cold = section == "cold"
+
+    def repeated(call: Callable[[], Any], numba_threads: int = 0) -> Callable[[], float]:
+        def run() -> float:
             with _numba_threads(numba_threads):
+                if not cold:
+                    for _ in range(calls):
+                        call()
+                    return 0.0  # (timed whole by _interleave_rounds)
+                took = 0.0
                 for _ in range(calls):
+                    _other_work()
+                    t0 = time.perf_counter()
                     call()
+                    took += time.perf_counter() - t0
+                return took
 
         return run
 
@@ -207,7 +237,7 @@ def _small_section(
         ) -> _Side:
             check, clear = (shm_same, shm_wipe) if shm else (same, wipe)
             run = repeated(call, numba_threads)
-            return _Side(name, kind, run, check, clear, b.repeat, settle)
+            return _Side(name, kind, run, check, clear, b.repeat, settle, times_itself=cold)
 
         sides = [
             side("numba, 1 thread (direct call)", "peer", lambda: K.affine(x, out)),

@@ -22,6 +22,7 @@ UNITS = {
     "memory": ("elements", "run"),
     "small": ("elements", "call"),
     "mid": ("elements", "call"),
+    "cold": ("elements", "call"),
     "roundtrip": ("tasks", "task"),
     "modes": ("bytes", "run"),
 }
@@ -188,6 +189,8 @@ class _Side:
     clear: Callable[[], Any]  # untimed, before its last run: wipe the output
     repeat: int
     settle: float = 0.0  # untimed pause after each run (prange's threads spin on)
+    # run() returns the seconds to count: it has untimed work between its calls
+    times_itself: bool = False
 
 
 def _interleave_rounds(
@@ -222,8 +225,8 @@ def _interleave_rounds(
                 if last:
                     side.clear()
                 t0 = time.perf_counter()
-                side.run()
-                times[side.name].append(time.perf_counter() - t0)
+                inside = side.run()
+                times[side.name].append(inside if side.times_itself else time.perf_counter() - t0)
                 time.sleep(side.settle)
                 if last:
                     ok[side.name] = bool(side.check())

@@ -8,6 +8,9 @@ Sections (each verified against a reference before its figures are shown):
   call (a direct call of the kernel in one thread is the floor);
 * ``mid``: the same on 200,000 elements (1.53 MiB in, 1.53 MiB out), call after call:
   where starting the workers is a large part of each call;
+* ``cold``: the small call again, each after ~1 ms of unrelated Python (untimed): the
+  fixed cost of a call when the caller's code and data are no longer in the CPU's
+  caches, as in a program that calls now and then rather than in a tight loop;
 * ``roundtrip``: submit a trivial task and wait for its result, one at a time;
 * ``modes``: share / copy / transfer over payload sizes.
 
@@ -18,16 +21,16 @@ an untimed warm-up; the ``runs`` column says how many: ``--repeat``, except NumP
 ``cpu`` side (1: the slowest side, about a second a run at the default size) and, at
 64 MiB and more, the copy-mode peers (``max(2, repeat // 2)``: they move the whole
 array twice a run). The table gives each row's speed relative to the best peer whose
-result was right (2.00x = twice as fast). The ``cpu``, ``memory``, ``small`` and
-``mid`` sides run interleaved, in rounds (each round runs every side once, in a
+result was right (2.00x = twice as fast). The ``cpu``, ``memory``, ``small``, ``mid``
+and ``cold`` sides run interleaved, in rounds (each round runs every side once, in a
 rotated order), so that a slow spell of a shared machine falls on all of them alike.
 
 ``--json`` saves the settings, the machine, the rows, the skipped peers and the failed
 sides. Each row (``_bench_timing.Row``) has ``median_s`` / ``best_s`` per timed run,
-as measured, and ``runs``; a run is ``per_run`` ``item``s (calls of the small and mid
-sections, tasks of roundtrip, else 1 run), and ``median_per_item_s`` /
+as measured, and ``runs``; a run is ``per_run`` ``item``s (calls of the small, mid and
+cold sections, tasks of roundtrip, else 1 run), and ``median_per_item_s`` /
 ``best_per_item_s`` (the table's figures) divide by it. ``size`` counts ``size_unit``:
-float64 elements (cpu, memory, small, mid, per call), tasks (roundtrip, per run) or
+float64 elements (cpu, memory, small, mid, cold, per call), tasks (roundtrip, per run) or
 payload bytes (modes).
 
 A side that raises (a crash, a timeout) is listed under FAILED with its error, and the
@@ -63,7 +66,7 @@ from ._bench_timing import _time as _time
 
 __all__ = ["SECTIONS", "Report", "Row", "main"]
 
-SECTIONS = ("cpu", "memory", "small", "mid", "roundtrip", "modes")
+SECTIONS = ("cpu", "memory", "small", "mid", "cold", "roundtrip", "modes")
 
 
 def _num(v: float) -> str:
@@ -128,6 +131,7 @@ def _table(report: Report) -> str:
         "memory": "memory-bound transform (y = 2.5x + 1)",
         "small": "small transform (y = 2.5x + 1), call after call, per call",
         "mid": "mid-size transform (y = 2.5x + 1), call after call, per call",
+        "cold": "small transform, each call after ~1 ms of other Python work, per call",
         "roundtrip": "task round trip (submit, wait for the result), per task",
         "modes": "moving the data, process backend (share / copy / transfer; O(1) kernel)",
     }
@@ -167,7 +171,7 @@ def _table(report: Report) -> str:
 
 def _scale(section: str) -> tuple[float, str]:
     """How a section's times per item (``Row.median_per_item_s``) are shown."""
-    if section in ("roundtrip", "small", "mid"):
+    if section in ("roundtrip", "small", "mid", "cold"):
         return 1e6, "us"
     return 1e3, "ms"
 
@@ -215,6 +219,7 @@ DEFAULTS: dict[str, Any] = {
     "small_calls": 200,
     "mid_size": 200_000,
     "mid_calls": 20,
+    "cold_calls": 50,
     "roundtrips": 2000,
     "mode_sizes": "1KiB,1MiB,64MiB",
     "repeat": 5,
@@ -225,6 +230,7 @@ QUICK: dict[str, Any] = {
     "small_calls": 20,
     "mid_size": 20_000,
     "mid_calls": 5,
+    "cold_calls": 5,
     "roundtrips": 100,
     "mode_sizes": "1KiB,1MiB",
     "repeat": 2,
@@ -268,6 +274,7 @@ def _parser() -> argparse.ArgumentParser:
     sized("small_calls", "small calls per timed run")
     sized("mid_size", "float64 elements of each mid call")
     sized("mid_calls", "mid calls per timed run")
+    sized("cold_calls", "cold calls per timed run (each after ~1 ms of other work)")
     sized("roundtrips", "tasks per timed run of the roundtrip section")
     parser.add_argument(
         "--mode-sizes",
@@ -348,6 +355,7 @@ def _too_big(args: argparse.Namespace) -> str | None:
         ("mem_size", "memory"),
         ("small_size", "small"),
         ("mid_size", "mid"),
+        ("small_size", "cold"),
     ):
         if section in args.sections:  # input and output shared; x, ref, out private
             n = getattr(args, name) * 8
@@ -465,6 +473,8 @@ def _measure(report: Report, args: argparse.Namespace) -> None:
                 _small_section(b, pools, args.small_size, args.small_calls)
             elif section == "mid":
                 _small_section(b, pools, args.mid_size, args.mid_calls, "mid")
+            elif section == "cold":
+                _small_section(b, pools, args.small_size, args.cold_calls, "cold")
             elif section == "roundtrip":
                 _roundtrip_section(b, pools, args.roundtrips)
             else:

@@ -115,6 +115,7 @@ def test_bench_quick_verifies_and_saves(tmp_path):
         "memory-bound",
         "small transform",
         "mid-size transform",
+        "each call after ~1 ms of other Python work",
         "task round trip",
         "moving the data",
     ):
@@ -140,7 +141,12 @@ def test_bench_quick_verifies_and_saves(tmp_path):
     # What each row's figures mean (Row): per run as timed, per item as tabled.
     quick = data["settings"]
     assert (quick["repeat"], quick["small_calls"], quick["roundtrips"]) == (2, 20, 100)
-    per_run = {"small": quick["small_calls"], "mid": quick["mid_calls"], "roundtrip": 100}
+    per_run = {
+        "small": quick["small_calls"],
+        "mid": quick["mid_calls"],
+        "cold": quick["cold_calls"],
+        "roundtrip": 100,
+    }
     units = {"roundtrip": ("tasks", "task"), "modes": ("bytes", "run")}
     for r in data["rows"]:
         section = r["section"]
@@ -184,6 +190,28 @@ def test_bench_labels_and_best_peer():
     ]
 
 
+def test_bench_cold_calls_are_timed_without_the_work_between_them(monkeypatch):
+    """The cold section times each call alone: the ~1 ms of other work before it is not
+    in its figures. Here that work is made 20 ms and each call ~0 ms: the rows must
+    say microseconds, where timing the run whole would say 20 ms a call."""
+    from shmcompute import _bench_sections as S
+    from shmcompute import bench
+
+    def slow_other_work():
+        time.sleep(0.02)
+        return 0
+
+    monkeypatch.setattr(S, "_other_work", slow_other_work)
+    args = ["--sections", "cold", "--cold-calls", "3", "--repeat", "1", "--workers", "1"]
+    report = bench.Report({}, {})
+    bench._measure(report, bench._parse(args))
+    rows = {r.name: r for r in report.rows}
+    assert not report.failed and all(r.ok for r in report.rows)
+    assert {"numba, 1 thread (direct call)", "shmcompute thread (share)"} <= rows.keys()
+    direct = rows["numba, 1 thread (direct call)"]
+    assert direct.per_run == 3 and direct.median_per_item_s < 0.01, direct
+
+
 def test_bench_quick_fills_in_only_the_options_not_given():
     from shmcompute import bench
 
@@ -209,6 +237,7 @@ def test_bench_quick_fills_in_only_the_options_not_given():
         (["--mem-size", str(10**15)], "--mem-size: needs at least"),
         (["--small-calls", "0"], "--small-calls must be >= 1"),
         (["--mid-size", "-5"], "--mid-size must be >= 1"),
+        (["--cold-calls", "0"], "--cold-calls must be >= 1"),
         (["--peer-timeout", "0"], "--peer-timeout must be a number of seconds > 0"),
         (["--json", "{tmp}/missing/bench.json"], "--json: the folder"),
         (["--json", "{tmp}"], "is a folder; give a file name"),
