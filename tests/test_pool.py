@@ -1047,6 +1047,57 @@ def test_thread_restart_whose_new_worker_is_not_ready_in_time_leaves_no_extra_wo
         gate.close()
 
 
+def test_thread_restart_that_times_out_as_its_new_worker_parks_leaves_no_lingering_worker(
+    counter: shc.SharedArray,
+) -> None:
+    # The other order of the race above: the new worker becomes ready and parks, idle,
+    # just as restart()'s wait for it times out. It was told to leave but not woken, so
+    # it stayed parked until its park timed out (60 s).
+    gate = Event()
+    try:
+        with ThreadPool(1, initializer=T.init_hold_after, initargs=(counter, 1, gate)) as pool:
+            assert pool.submit(T.square, 2).result(WAIT) == 4
+            (old,) = pool._workers.values()
+            start = pool._start_worker_locked
+
+            class ReadyAsItTimesOut:
+                """restart()'s wait: the worker gets ready and parks, then it times out."""
+
+                def __init__(self, wk: Any) -> None:
+                    self.wk, self.event = wk, threading.Event()
+
+                def set(self) -> None:
+                    self.event.set()
+
+                def is_set(self) -> bool:
+                    return self.event.is_set()
+
+                def wait(self, timeout: float | None = None) -> bool:
+                    gate.set()
+                    deadline = time.monotonic() + WAIT
+                    while not (self.event.is_set() and self.wk.idle):
+                        assert time.monotonic() < deadline, "the new worker never parked"
+                        time.sleep(0.001)
+                    time.sleep(0.05)  # (it is in its park now, past the lock)
+                    return False
+
+            def start_late_ready(spare: bool = False) -> Any:
+                wk = start(spare)
+                wk.ready = ReadyAsItTimesOut(wk)
+                return wk
+
+            pool._start_worker_locked = start_late_ready  # type: ignore[method-assign]
+            with pytest.raises(TimeoutError, match="did not become ready"):
+                pool.restart(timeout=WAIT)
+            (new,) = [w for w in pool._workers.values() if w is not old]
+            assert new.thread is not None and not _join_all([new.thread], timeout=10.0)
+            assert _workers_now(pool) == {old.thread} and pool.stats.total == 1
+            assert pool.submit(T.square, 3).result(WAIT) == 9
+    finally:
+        gate.set()
+        gate.close()
+
+
 def test_a_restart_whose_new_worker_fails_to_initialize_keeps_the_old_workers(
     make_pool: Callable[..., Pool], counter: shc.SharedArray
 ) -> None:

@@ -579,8 +579,10 @@ class ThreadPool(Pool):
             if not new.ready.wait(None if end is None else max(0.0, end - time.monotonic())):
                 with self._lock:
                     # The old worker keeps running; the new one must not stay on beside
-                    # it as an extra worker: it exits once ready.
+                    # it as an extra worker: it exits once ready, or now if it became
+                    # ready and parked just as this wait timed out (the ring wakes it).
                     new.retiring = True
+                    _spin.ring(new.words, new.base + TW_BELL)
                 raise TimeoutError("restart(): a new worker thread did not become ready")
             with self._lock:
                 if new.exited:
