@@ -468,8 +468,13 @@ def run_job(
                     team_running = on_team
                 futures = []
                 if not on_team:
+                    # Without the pool's task_timeout: a thread cannot be stopped, and a
+                    # driver past it would go on in its chunk after its future failed and
+                    # counted it out, while the arena went to the next job. The job's own
+                    # timeout= bounds it (its drivers stop after their current chunk).
                     futures = [
-                        pool.submit(drive, p, prep.name, ctrl, t, *rest) for t in range(1, ntasks)
+                        pool._submit(drive, (p, prep.name, ctrl, t, *rest), {}, None, 0)
+                        for t in range(1, ntasks)
                     ]
                     every_future += futures
                     for t, f in enumerate(futures, start=1):

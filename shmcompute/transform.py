@@ -292,7 +292,10 @@ def transform(
         retries: times chunks lost to a crashed worker are re-run (0: raise).
         timeout: seconds for the whole job; past it ``TimeoutError``. A chunk in
             progress is not interrupted: the drivers stop after their current chunks,
-            and on threads the error comes once the caller's own chunk has ended.
+            and on threads the error comes once the caller's own chunk has ended. A
+            thread pool's ``task_timeout`` does not apply to a job's helpers (a thread
+            cannot be stopped mid-chunk); on a process pool a helper past it is killed
+            and its chunks are lost, as in a crash (``retries``).
 
     Returns:
         ``out`` (a SharedArray when it was None, or in transfer mode).
