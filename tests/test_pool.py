@@ -1098,6 +1098,50 @@ def test_thread_restart_that_times_out_as_its_new_worker_parks_leaves_no_lingeri
         gate.close()
 
 
+def test_thread_restart_whose_old_worker_is_abandoned_meanwhile_leaves_no_extra_worker(
+    counter: shc.SharedArray,
+) -> None:
+    # As on processes (a worker that dies during its restart): the old worker's task ran
+    # past its timeout while the new worker started, so the pool abandoned and replaced
+    # the old one; restart()'s new worker then made one worker too many, for good.
+    gate, go = Event(), Event()
+    with shc.zeros(1, np.int64) as running:
+        try:
+            hold = {"initializer": T.init_hold_after, "initargs": (counter, 1, gate)}
+            with ThreadPool(1, task_timeout=0.5, **hold) as pool:
+                assert pool.submit(T.square, 2).result(WAIT) == 4
+                busy = pool.submit(T.count_and_wait, running, go)
+                wait_count(running, 1)
+                errors: list[BaseException] = []
+
+                def restart() -> None:
+                    try:
+                        pool.restart(timeout=WAIT)
+                    except BaseException as e:
+                        errors.append(e)
+
+                t = threading.Thread(target=restart)
+                t.start()
+                wait_count(counter, 2)  # restart()'s new worker is held in its initializer
+                assert isinstance(busy.exception(WAIT), shc.TaskTimeoutError)
+                wait_count(counter, 3)  # and so is the replacement of the abandoned one
+                gate.set()
+                t.join(WAIT)
+                assert not t.is_alive() and errors == []
+                go.set()
+                deadline = time.monotonic() + WAIT
+                while len([w for w in pool._workers.values() if not w.exited]) > 1:
+                    assert time.monotonic() < deadline, "a 1-worker pool kept 2 workers"
+                    time.sleep(0.01)
+                assert pool.stats.total == 1
+                assert [pool.submit(T.square, i).result(WAIT) for i in range(4)] == [0, 1, 4, 9]
+        finally:
+            gate.set()
+            go.set()
+            gate.close()
+            go.close()
+
+
 def test_a_restart_whose_new_worker_fails_to_initialize_keeps_the_old_workers(
     make_pool: Callable[..., Pool], counter: shc.SharedArray
 ) -> None:

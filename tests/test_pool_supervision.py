@@ -14,6 +14,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures.process import BrokenProcessPool
@@ -262,6 +263,46 @@ def test_restart_whose_new_worker_is_not_ready_in_time_leaves_no_extra_worker() 
         assert old.pid not in {w.pid for w in pool.stats.workers}
         _still_usable(pool)
         assert len(pool._procs) == 1
+
+
+def test_a_worker_that_dies_while_its_restart_replacement_starts_leaves_no_extra_worker(
+    counter: shc.SharedArray,
+) -> None:
+    # restart() starts the new worker beside the old one, which runs until the new one
+    # is ready. The old one died meanwhile, and the supervisor replaced it as any dead
+    # worker: with restart()'s, the pool then ran max_workers + 1 workers, every slot
+    # taken, and each later restart() failed with "no worker slot is free".
+    gate = Event()
+    try:
+        with ProcessPool(1, initializer=T.init_hold_after, initargs=(counter, 1, gate)) as pool:
+            assert pool.submit(T.square, 2).result(WAIT) == 4
+            (old,) = pool._procs.values()
+            errors: list[BaseException] = []
+
+            def restart() -> None:
+                try:
+                    pool.restart(timeout=WAIT)
+                except BaseException as e:
+                    errors.append(e)
+
+            t = threading.Thread(target=restart)
+            t.start()
+            wait_count(counter, 2)  # restart()'s new worker is held in its initializer
+            os.kill(old.pid, signal.SIGKILL)
+            wait_count(counter, 3)  # and so is the supervisor's replacement of the old one
+            gate.set()
+            t.join(WAIT)
+            assert not t.is_alive() and errors == []
+            deadline = time.monotonic() + WAIT
+            while len(pool._procs) > 1:  # the one too many exits
+                assert time.monotonic() < deadline, f"{len(pool._procs)} workers in a 1-worker pool"
+                time.sleep(0.01)
+            assert old.pid not in {w.pid for w in pool.stats.workers}
+            pool.restart(timeout=WAIT)  # a slot is free for the next one
+            _still_usable(pool)
+    finally:
+        gate.set()
+        gate.close()
 
 
 def test_shutdown_timeout_terminates_stuck_workers(counter: shc.SharedArray) -> None:

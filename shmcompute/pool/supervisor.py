@@ -89,6 +89,7 @@ class _Proc:
         "pid",
         "process",
         "reaped",
+        "replaced",
         "res_head",
         "restarts",
         "retiring",
@@ -110,6 +111,7 @@ class _Proc:
         self.restarts = restarts
         self.sent = 0  # tasks ever pushed (max_tasks_per_child)
         self.reaped = False
+        self.replaced = False  # reaped, and the supervisor starts another in its place
         self.stall_reported = False
         self.kill_reason: str | None = None  # why the supervisor killed it, if it did
         self.init_error: BaseException | None = None
@@ -290,6 +292,7 @@ class Supervision(Pool):
                 and not give_up
                 and (self._state == RUNNING or (self._state == DRAINING and self._outstanding > 0))
             )
+            p.replaced = replace
             failed_queue: list[_Task] = []
             if give_up:
                 failed_queue = list(self._queue)
@@ -450,7 +453,16 @@ class Supervision(Pool):
                 # extra worker holding the spare slot (the next restart() found no slot).
                 self._retire(new)
                 raise
-            self._retire(p)  # its queued tasks stay: it drains its ring before it exits
+            with self._lock:
+                # The old worker died meanwhile and the supervisor replaced it: the new
+                # one is one too many (it would hold the spare slot for good). Decided
+                # and retired under one hold of the lock: a worker that dies once it is
+                # retiring is not replaced.
+                surplus = p.reaped and p.replaced
+                # (the old one's queued tasks stay: it drains its ring before it exits)
+                self._retire(new if surplus else p)
+            if surplus:
+                continue
             p.process.join(None if end is None else max(0.0, end - time.monotonic()))
             if p.process.is_alive():
                 raise TimeoutError(

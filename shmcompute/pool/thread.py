@@ -589,6 +589,12 @@ class ThreadPool(Pool):
                     raise InitializerError(
                         "restart(): a new worker's initializer failed; the old workers keep running"
                     ) from self._last_init_error
+                if wk.abandoned and len(self._live_locked()) > self._max_workers:
+                    # The old worker was abandoned meanwhile (a task past its timeout)
+                    # and replaced: the new one is one too many.
+                    new.retiring = True
+                    _spin.ring(new.words, new.base + TW_BELL)
+                    continue
                 wk.retiring = True
                 if wk.idle:
                     wk.idle = False
