@@ -22,6 +22,7 @@ from .errors import (
     ArgumentError,
     ArgumentTypeError,
     DetachedError,
+    TaskTimeoutError,
     TransformError,
     WorkerCrashedError,
 )
@@ -92,6 +93,15 @@ def run_copy(w: Work, pool: Pool, retries: int) -> Any:
             left = None if deadline is None else max(0.0, deadline - time.monotonic())
             try:
                 res = f.result(left)
+            except TaskTimeoutError as e:  # (the pool's task_timeout, not the job's)
+                for g in futures:
+                    g.cancel()
+                lo, hi = i * chunk, min(i * chunk + chunk, n)
+                raise TaskTimeoutError(
+                    f"chunk {i} (rows {lo}:{hi}) of {kernel_name(kernel)}'s copy-mode job ran "
+                    "past the pool's task_timeout; the output is incomplete and was not "
+                    "returned"
+                ) from e
             except TimeoutError:
                 for g in futures:
                     g.cancel()

@@ -1142,6 +1142,27 @@ def test_thread_restart_whose_old_worker_is_abandoned_meanwhile_leaves_no_extra_
             go.close()
 
 
+def test_thread_restart_of_a_worker_whose_task_then_times_out_leaves_no_extra_worker(
+    counter: shc.SharedArray,
+) -> None:
+    # restart() has the new worker in place and waits for the old one's task; that task
+    # then ran past the pool's task_timeout, and abandoning the old worker started a
+    # replacement for it too: a 1-worker pool ran 2 workers for good.
+    gate = Event()
+    try:
+        with ThreadPool(1, task_timeout=0.5) as pool:
+            busy = pool.submit(T.count_and_wait, counter, gate, 1.5)  # gate stays shut
+            wait_count(counter, 1)
+            pool.restart(timeout=WAIT)  # (returns once the old thread's call ended)
+            assert isinstance(busy.exception(WAIT), shc.TaskTimeoutError)
+            assert pool.stats.total == 1
+            assert len([w for w in pool._workers.values() if not w.exited]) == 1
+            assert [pool.submit(T.square, i).result(WAIT) for i in range(4)] == [0, 1, 4, 9]
+    finally:
+        gate.set()
+        gate.close()
+
+
 def test_a_restart_whose_new_worker_fails_to_initialize_keeps_the_old_workers(
     make_pool: Callable[..., Pool], counter: shc.SharedArray
 ) -> None:

@@ -1184,6 +1184,23 @@ def test_a_thread_pools_task_timeout_neither_fails_a_transform_nor_frees_its_are
             np.testing.assert_array_equal(got, y)
 
 
+@pytest.mark.parametrize("backend", ["thread", "process"])
+def test_a_copy_mode_chunk_past_the_pools_task_timeout_says_so(backend: str) -> None:
+    # Copy-mode chunks are ordinary pool tasks: the pool's task_timeout applies (their
+    # copies are their own). Past it, the job said it "did not finish within its
+    # timeout" though it had none; the error names the chunk and the pool's limit.
+    n = 4096
+    x = np.arange(n, dtype=np.float64)
+    x[0] = 0.0
+    x[n // 2] = 2.0  # chunk 1 takes 2 s
+    late = r"chunk 1 \(rows 2048:4096\).*task_timeout"
+    with (
+        Pool(2, backend=backend, task_timeout=0.3) as pool,
+        pytest.raises(shc.TaskTimeoutError, match=late),
+    ):
+        transform(K.wait_then_fail, x, out=np.empty(n), pool=pool, chunk_size=n // 2, mode="copy")
+
+
 @pytest.mark.filterwarnings("error::pytest.PytestUnhandledThreadExceptionWarning")
 @pytest.mark.parametrize("timeout", [1e10, math.inf])
 def test_a_timeout_beyond_any_clock_is_no_timeout(pool: Pool, timeout: float) -> None:

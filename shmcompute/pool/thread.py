@@ -435,8 +435,9 @@ class ThreadPool(Pool):
         if wk.idle:  # pragma: no cover - a worker with a task is never idle
             wk.idle = False
             self._idle.remove(wk)
-        # The thread keeps its index until it exits; a new worker takes another.
-        if self._state != CLOSED:
+        # The thread keeps its index until it exits; a new worker takes another. (Not
+        # for a retiring worker: restart() has put its successor in place already.)
+        if self._state != CLOSED and not wk.retiring:
             self._start_worker_locked()
         err = TaskTimeoutError(
             f"{task.describe()} ran past its timeout of {task.timeout:g} s; a thread cannot "
@@ -589,11 +590,13 @@ class ThreadPool(Pool):
                     raise InitializerError(
                         "restart(): a new worker's initializer failed; the old workers keep running"
                     ) from self._last_init_error
-                if wk.abandoned and len(self._live_locked()) > self._max_workers:
+                if wk.abandoned:
                     # The old worker was abandoned meanwhile (a task past its timeout)
-                    # and replaced: the new one is one too many.
-                    new.retiring = True
-                    _spin.ring(new.words, new.base + TW_BELL)
+                    # and replaced: the new one is one too many, unless that replacement
+                    # has gone since. The abandoned thread is not waited for.
+                    if len(self._live_locked()) > self._max_workers:
+                        new.retiring = True
+                        _spin.ring(new.words, new.base + TW_BELL)
                     continue
                 wk.retiring = True
                 if wk.idle:
