@@ -42,6 +42,7 @@ import numba
 import numpy as np
 from llvmlite import ir
 from numba import carray, literal_unroll, njit, types
+from numba.core.imputils import impl_ret_borrowed
 from numba.cpython.unsafe.tuple import tuple_setitem
 from numba.extending import intrinsic
 
@@ -105,13 +106,28 @@ def _voidptr(typingctx, addr):  # type: ignore[no-untyped-def]
     return types.voidptr(addr), codegen
 
 
+@intrinsic
+def _typed_like(typingctx, arr, template):  # type: ignore[no-untyped-def]
+    """``arr`` (a C array ``carray`` made) read-only when ``template`` is: the same
+    array, typed as the caller's was, so that the driver compiled for a read-only input
+    is the one that runs (and a kernel cannot write to it)."""
+    if not (isinstance(arr, types.Array) and isinstance(template, types.Array)):
+        return None
+    rt = arr.copy(readonly=not template.mutable)
+
+    def codegen(context, builder, sig, args):  # type: ignore[no-untyped-def]
+        return impl_ret_borrowed(context, builder, sig.return_type, args[0])
+
+    return rt(arr, template), codegen
+
+
 @njit(nogil=True, cache=True)
 def _array(ctrl, base, template):  # type: ignore[no-untyped-def]
     """The array described at ``ctrl[base:]``, of ``template``'s type."""
     shape = template.shape
     for d in range(template.ndim):
         shape = tuple_setitem(shape, d, ctrl[base + 1 + d])
-    return carray(_voidptr(ctrl[base]), shape, template.dtype)
+    return _typed_like(carray(_voidptr(ctrl[base]), shape, template.dtype), template)
 
 
 @njit(nogil=True, cache=True)
@@ -400,8 +416,9 @@ class Team:
     def signature(self, plan: Any, kind: str, ins: tuple[np.ndarray, ...], out: np.ndarray) -> int:
         """The id under which the team runs jobs of this driver plan (compiled now, in
         the caller), or -1 when it cannot: arrays it could not describe by address and
-        shape as the same Numba type (read-only, not C-contiguous, misaligned, over 7
-        dimensions) run on pool tasks as before."""
+        shape as the same Numba type (not C-contiguous, misaligned, over 7 dimensions, a
+        read-only output) run on pool tasks as before. Read-only inputs it rebuilds
+        read-only (``_typed_like``)."""
         key = id(plan)  # (plans are cached for the process's life: an id stays theirs)
         if key not in self._loops:
             self._loops[key] = self._compile(plan, kind, (*ins, out))
@@ -411,13 +428,14 @@ class Team:
         self, plan: Any, kind: str, arrays: tuple[np.ndarray, ...]
     ) -> tuple[Any, tuple[Any, ...]] | None:
         loop = LOOPS.get((kind, len(arrays) - 1))
-        ok = all(
-            a.flags.c_contiguous and a.flags.writeable and a.flags.aligned and 1 <= a.ndim < 8
-            for a in arrays
+        ok = arrays[-1].flags.writeable and all(
+            a.flags.c_contiguous and a.flags.aligned and 1 <= a.ndim < 8 for a in arrays
         )
         if loop is None or not ok or len(arrays) > D.MAX_ARRAYS:
             return None
         templates = tuple(np.empty((1,) * a.ndim, a.dtype) for a in arrays)
+        for t, a in zip(templates, arrays, strict=True):
+            t.flags.writeable = a.flags.writeable  # (read-only inputs: another Numba type)
         i64 = types.int64
         sig = (numba.typeof(self.words), i64, i64, i64, plan.kref, *map(numba.typeof, templates))
         d = njit(sig, nogil=True, cache=True)(loop)

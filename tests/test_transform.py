@@ -1151,7 +1151,7 @@ def test_a_kernel_error_is_not_held_past_the_deadline_nor_hidden_by_it() -> None
 
 
 def test_a_thread_pools_task_timeout_neither_fails_a_transform_nor_frees_its_arena() -> None:
-    # A driver task on a thread pool (the team cannot take read-only arrays) that ran
+    # A driver task on a thread pool (the team cannot take misaligned arrays) that ran
     # past the pool's task_timeout had its future failed while its thread, which cannot
     # be stopped, went on in its chunk: the job failed with TaskTimeoutError, the driver
     # was counted out and the arena went to the next jobs, whose counters the stray
@@ -1159,28 +1159,29 @@ def test_a_thread_pools_task_timeout_neither_fails_a_transform_nor_frees_its_are
     # bounded by its own timeout=, whose drivers stop after their chunk.
     n = 4096
 
-    def ro(x: np.ndarray) -> np.ndarray:
-        x.flags.writeable = False
-        return x
+    def misaligned(x: np.ndarray) -> np.ndarray:  # (so not on the team)
+        buf = np.empty(x.nbytes + 1, np.uint8)
+        y = np.frombuffer(buf.data, x.dtype, count=x.size, offset=1)
+        y[...] = x
+        return y
 
     with Pool(2, backend="thread", task_timeout=0.2) as pool:
         x = np.arange(n, dtype=np.float64)
         x[0] = 0.05  # chunk 0 (the caller's block) takes 50 ms
         x[n // 2] = 0.6  # chunk 1 (the driver task's) 0.6 s, past the task_timeout
         out = np.full(n, np.nan)
-        transform(K.wait_then_fail, ro(x.copy()), out=out, pool=pool, chunk_size=n // 2)
+        transform(K.wait_then_fail, misaligned(x.copy()), out=out, pool=pool, chunk_size=n // 2)
         np.testing.assert_array_equal(out, x)
         with pytest.raises(TimeoutError, match="did not finish within its timeout"):
-            transform(
-                K.wait_then_fail, ro(x.copy()), out=out, pool=pool, chunk_size=n // 2, timeout=0.2
-            )
+            xm = misaligned(x.copy())
+            transform(K.wait_then_fail, xm, out=out, pool=pool, chunk_size=n // 2, timeout=0.2)
         # The next jobs, on the same arenas while that driver finishes its chunk, are
         # whole and right.
         for k in range(40):
             y = np.arange(n, dtype=np.float64) + k
             y[:: n // 8] = 0.0  # (each chunk's first row: no waiting)
             got = np.full(n, np.nan)
-            transform(K.wait_then_fail, ro(y.copy()), out=got, pool=pool, chunk_size=n // 8)
+            transform(K.wait_then_fail, misaligned(y.copy()), out=got, pool=pool, chunk_size=n // 8)
             np.testing.assert_array_equal(got, y)
 
 
