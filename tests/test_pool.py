@@ -859,6 +859,28 @@ def _workers_now(pool: Pool) -> set[Any]:
     return {w.pid for w in pool.stats.workers}
 
 
+class _Restarting:
+    """``pool.restart()`` running in another thread, so the test can act while it waits
+    for the new worker; ``done()`` joins it (bounded) and re-raises what it raised."""
+
+    def __init__(self, pool: Pool) -> None:
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._run, args=(pool,))
+        self.thread.start()
+
+    def _run(self, pool: Pool) -> None:
+        try:
+            pool.restart(timeout=WAIT)
+        except BaseException as e:
+            self.error = e
+
+    def done(self) -> None:
+        self.thread.join(WAIT)
+        assert not self.thread.is_alive(), "restart() did not return"
+        if self.error is not None:
+            raise self.error
+
+
 def test_rolling_restart_under_a_stream_loses_nothing(
     make_pool: Callable[..., Pool], counter: shc.SharedArray
 ) -> None:
@@ -928,17 +950,7 @@ def test_tasks_submitted_during_a_restart_wait_for_the_old_workers_until_the_new
             assert pool.submit(T.sleep_for, 0.05).result(WAIT) == 0.05
             busy = pool.submit(T.count_and_wait, counter, go)
             wait_count(counter, 1)
-            restarted: list[BaseException | None] = []
-
-            def restart() -> None:
-                try:
-                    pool.restart(timeout=WAIT)
-                    restarted.append(None)
-                except BaseException as e:
-                    restarted.append(e)
-
-            t = threading.Thread(target=restart)
-            t.start()
+            restarting = _Restarting(pool)
             wait_count(started, 2)  # the new worker is in its initializer, held there
             during = pool.submit(T.worker_id)
             go.set()
@@ -947,8 +959,7 @@ def test_tasks_submitted_during_a_restart_wait_for_the_old_workers_until_the_new
             assert during in done, "the task waited for the new worker's initializer"
             assert during.result() == old
             held.set()
-            t.join(WAIT)
-            assert restarted == [None]
+            restarting.done()
             new = pool.submit(T.worker_id).result(WAIT)
             assert new != old and pool.stats.total == 1
         finally:
@@ -1112,22 +1123,12 @@ def test_thread_restart_whose_old_worker_is_abandoned_meanwhile_leaves_no_extra_
                 assert pool.submit(T.square, 2).result(WAIT) == 4
                 busy = pool.submit(T.count_and_wait, running, go)
                 wait_count(running, 1)
-                errors: list[BaseException] = []
-
-                def restart() -> None:
-                    try:
-                        pool.restart(timeout=WAIT)
-                    except BaseException as e:
-                        errors.append(e)
-
-                t = threading.Thread(target=restart)
-                t.start()
+                restarting = _Restarting(pool)
                 wait_count(counter, 2)  # restart()'s new worker is held in its initializer
                 assert isinstance(busy.exception(WAIT), shc.TaskTimeoutError)
                 wait_count(counter, 3)  # and so is the replacement of the abandoned one
                 gate.set()
-                t.join(WAIT)
-                assert not t.is_alive() and errors == []
+                restarting.done()
                 go.set()
                 deadline = time.monotonic() + WAIT
                 while len([w for w in pool._workers.values() if not w.exited]) > 1:

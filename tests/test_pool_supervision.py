@@ -14,7 +14,6 @@ import signal
 import subprocess
 import sys
 import textwrap
-import threading
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures.process import BrokenProcessPool
@@ -29,7 +28,7 @@ from shmcompute.errors import PoolTerminatedError, TaskTimeoutError, WorkerCrash
 from shmcompute.pool import Pool, ProcessPool, supervisor
 from shmcompute.sync import Event
 from tests import _pool_tasks as T
-from tests.test_pool import WAIT, wait_count
+from tests.test_pool import WAIT, _Restarting, wait_count
 
 pytestmark = pytest.mark.crash
 
@@ -277,22 +276,12 @@ def test_a_worker_that_dies_while_its_restart_replacement_starts_leaves_no_extra
         with ProcessPool(1, initializer=T.init_hold_after, initargs=(counter, 1, gate)) as pool:
             assert pool.submit(T.square, 2).result(WAIT) == 4
             (old,) = pool._procs.values()
-            errors: list[BaseException] = []
-
-            def restart() -> None:
-                try:
-                    pool.restart(timeout=WAIT)
-                except BaseException as e:
-                    errors.append(e)
-
-            t = threading.Thread(target=restart)
-            t.start()
+            restarting = _Restarting(pool)
             wait_count(counter, 2)  # restart()'s new worker is held in its initializer
             os.kill(old.pid, signal.SIGKILL)
             wait_count(counter, 3)  # and so is the supervisor's replacement of the old one
             gate.set()
-            t.join(WAIT)
-            assert not t.is_alive() and errors == []
+            restarting.done()
             deadline = time.monotonic() + WAIT
             while len(pool._procs) > 1:  # the one too many exits
                 assert time.monotonic() < deadline, f"{len(pool._procs)} workers in a 1-worker pool"
