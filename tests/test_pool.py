@@ -1031,82 +1031,83 @@ def test_thread_restart_that_runs_out_of_time_on_a_busy_worker(counter: shc.Shar
         gate.close()
 
 
-def test_thread_restart_whose_new_worker_is_not_ready_in_time_leaves_no_extra_worker(
-    counter: shc.SharedArray,
-) -> None:
-    # As on the process backend: the new worker of a restart() that timed out before it
-    # was ready must not stay on beside the old one, which keeps running.
+@pytest.fixture
+def held(counter: shc.SharedArray) -> Iterator[tuple[ThreadPool, Any, Event]]:
+    """A 1-worker thread pool whose later workers (a restart's) wait in their
+    initializer until the gate opens; its first worker; the gate (opened at the end)."""
     gate = Event()
     try:
         with ThreadPool(1, initializer=T.init_hold_after, initargs=(counter, 1, gate)) as pool:
             assert pool.submit(T.square, 2).result(WAIT) == 4
             (old,) = pool._workers.values()
-            with pytest.raises(TimeoutError, match="did not become ready"):
-                pool.restart(timeout=0.2)
-            wait_count(counter, 2)  # the new worker is in its initializer
-            (new,) = [w for w in pool._workers.values() if w is not old]
-            gate.set()
-            assert new.thread is not None and not _join_all([new.thread])
-            assert _workers_now(pool) == {old.thread} and pool.stats.total == 1
-            assert pool.submit(T.square, 3).result(WAIT) == 9
-            pool.restart(timeout=WAIT)
-            assert old.thread is not None and not _join_all([old.thread])
-            assert [pool.submit(T.square, i).result(WAIT) for i in range(4)] == [0, 1, 4, 9]
-            assert pool.stats.total == 1
+            yield pool, old, gate
     finally:
         gate.set()
         gate.close()
 
 
+def test_thread_restart_whose_new_worker_is_not_ready_in_time_leaves_no_extra_worker(
+    counter: shc.SharedArray, held: tuple[ThreadPool, Any, Event]
+) -> None:
+    # As on the process backend: the new worker of a restart() that timed out before it
+    # was ready must not stay on beside the old one, which keeps running.
+    pool, old, gate = held
+    with pytest.raises(TimeoutError, match="did not become ready"):
+        pool.restart(timeout=0.2)
+    wait_count(counter, 2)  # the new worker is in its initializer
+    (new,) = [w for w in pool._workers.values() if w is not old]
+    gate.set()
+    assert new.thread is not None and not _join_all([new.thread])
+    assert _workers_now(pool) == {old.thread} and pool.stats.total == 1
+    assert pool.submit(T.square, 3).result(WAIT) == 9
+    pool.restart(timeout=WAIT)
+    assert old.thread is not None and not _join_all([old.thread])
+    assert [pool.submit(T.square, i).result(WAIT) for i in range(4)] == [0, 1, 4, 9]
+    assert pool.stats.total == 1
+
+
 def test_thread_restart_that_times_out_as_its_new_worker_parks_leaves_no_lingering_worker(
-    counter: shc.SharedArray,
+    held: tuple[ThreadPool, Any, Event],
 ) -> None:
     # The other order of the race above: the new worker becomes ready and parks, idle,
     # just as restart()'s wait for it times out. It was told to leave but not woken, so
     # it stayed parked until its park timed out (60 s).
-    gate = Event()
-    try:
-        with ThreadPool(1, initializer=T.init_hold_after, initargs=(counter, 1, gate)) as pool:
-            assert pool.submit(T.square, 2).result(WAIT) == 4
-            (old,) = pool._workers.values()
-            start = pool._start_worker_locked
+    pool, old, gate = held
+    start = pool._start_worker_locked
 
-            class ReadyAsItTimesOut:
-                """restart()'s wait: the worker gets ready and parks, then it times out."""
+    class ReadyAsItTimesOut:
+        """restart()'s wait: the worker gets ready and parks, then it times out."""
 
-                def __init__(self, wk: Any) -> None:
-                    self.wk, self.event = wk, threading.Event()
+        def __init__(self, wk: Any) -> None:
+            self.wk, self.event = wk, threading.Event()
 
-                def set(self) -> None:
-                    self.event.set()
+        def set(self) -> None:
+            self.event.set()
 
-                def is_set(self) -> bool:
-                    return self.event.is_set()
+        def is_set(self) -> bool:
+            return self.event.is_set()
 
-                def wait(self, timeout: float | None = None) -> bool:
-                    gate.set()
-                    deadline = time.monotonic() + WAIT
-                    while not (self.event.is_set() and self.wk.idle):
-                        assert time.monotonic() < deadline, "the new worker never parked"
-                        time.sleep(0.001)
-                    time.sleep(0.05)  # (it is in its park now, past the lock)
-                    return False
+        def wait(self, timeout: float | None = None) -> bool:
+            gate.set()
+            deadline = time.monotonic() + WAIT
+            while not (self.event.is_set() and self.wk.idle):
+                assert time.monotonic() < deadline, "the new worker never parked"
+                time.sleep(0.001)
+            time.sleep(0.05)  # (it is in its park now, past the lock)
+            return False
 
-            def start_late_ready(spare: bool = False) -> Any:
-                wk = start(spare)
-                wk.ready = ReadyAsItTimesOut(wk)
-                return wk
+    def start_late_ready(spare: bool = False) -> Any:
+        wk = start(spare)
+        wk.ready = ReadyAsItTimesOut(wk)
+        return wk
 
-            pool._start_worker_locked = start_late_ready  # type: ignore[method-assign]
-            with pytest.raises(TimeoutError, match="did not become ready"):
-                pool.restart(timeout=WAIT)
-            (new,) = [w for w in pool._workers.values() if w is not old]
-            assert new.thread is not None and not _join_all([new.thread], timeout=10.0)
-            assert _workers_now(pool) == {old.thread} and pool.stats.total == 1
-            assert pool.submit(T.square, 3).result(WAIT) == 9
-    finally:
-        gate.set()
-        gate.close()
+    pool._start_worker_locked = start_late_ready  # type: ignore[method-assign]
+    with pytest.raises(TimeoutError, match="did not become ready"):
+        pool.restart(timeout=WAIT)
+    (new,) = [w for w in pool._workers.values() if w is not old]
+    assert new.thread is not None and not _join_all([new.thread], timeout=10.0)
+    assert _workers_now(pool) == {old.thread} and pool.stats.total == 1
+    assert pool.submit(T.square, 3).result(WAIT) == 9
 
 
 def test_thread_restart_whose_old_worker_is_abandoned_meanwhile_leaves_no_extra_worker(
