@@ -408,10 +408,12 @@ def test_a_team_judged_too_slow_is_measured_again_now_and_then() -> None:
     assert all(_runner.on_team(slow, 10_000, 2) == 1 for _ in range(n))  # type: ignore[arg-type]
 
 
-def test_a_threads_start_counts_as_parked_or_awake() -> None:
+def test_a_threads_start_counts_as_parked_or_awake(every_driver: None) -> None:
     # Team threads start parked: the first job wakes thread 0, and its start moves the
     # parked estimate only. Back-to-back jobs then find it awake (it spins a while after
-    # each job) and move the awake one.
+    # each job) and move the awake one. (Every job gets the helper: judged by its cost,
+    # on a loaded machine such short jobs are the caller's alone, the thread parks, and
+    # no job would find it awake.)
     with Pool(2, backend="thread") as pool:
         transform(K.affine, X, out=np.empty_like(X), pool=pool, chunk_size=500)
         team = _team(pool)

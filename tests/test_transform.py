@@ -1192,14 +1192,20 @@ def test_a_copy_mode_chunk_past_the_pools_task_timeout_says_so(backend: str) -> 
     # timeout" though it had none; the error names the chunk and the pool's limit.
     n = 4096
     x = np.arange(n, dtype=np.float64)
+    quick = x.copy()
+    quick[:: n // 16] = 0.0  # (no chunk waits)
     x[0] = 0.0
-    x[n // 2] = 2.0  # chunk 1 takes 2 s
+    x[n // 2] = 3.0  # chunk 1 takes 3 s
     late = r"chunk 1 \(rows 2048:4096\).*task_timeout"
-    with (
-        Pool(2, backend=backend, task_timeout=0.3) as pool,
-        pytest.raises(shc.TaskTimeoutError, match=late),
-    ):
-        transform(K.wait_then_fail, x, out=np.empty(n), pool=pool, chunk_size=n // 2, mode="copy")
+    with Pool(2, backend=backend, task_timeout=1.0) as pool:
+        for _ in range(2):  # each worker loads the kernel first (else it can take 1 s, loaded)
+            transform(
+                K.wait_then_fail, quick, out=np.empty(n), pool=pool, chunk_size=n // 16, mode="copy"
+            )
+        with pytest.raises(shc.TaskTimeoutError, match=late):
+            transform(
+                K.wait_then_fail, x, out=np.empty(n), pool=pool, chunk_size=n // 2, mode="copy"
+            )
 
 
 @pytest.mark.filterwarnings("error::pytest.PytestUnhandledThreadExceptionWarning")
